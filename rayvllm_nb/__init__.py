@@ -1,0 +1,79 @@
+"""Deploy vLLM on Ray Serve from a notebook, a script or the shell, and chat with it.
+
+Blocking API (works inside a running event loop, e.g. a Jupyter cell)::
+
+    import rayvllm_nb
+    rayvllm_nb.start("tiny-cpu", wait_ready=True)
+    rayvllm_nb.client().chat.completions.create(model="tiny", messages=[...])
+    rayvllm_nb.stop()
+
+Async API: ``await rayvllm_nb.ray_backend.start_model(...)``; both share one state.
+"""
+
+from __future__ import annotations
+
+import openai
+
+from rayvllm_nb._internal.facade import blocking
+from rayvllm_nb.backend import ModelStatus, Progress, RayBackend, Status
+from rayvllm_nb.config import ModelConfig, available_configs, load_config
+from rayvllm_nb.errors import (
+    ClusterError,
+    ConfigError,
+    DeploymentError,
+    NotDeployedError,
+    RayVllmError,
+    ReadinessTimeout,
+)
+from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, make_tiny_model
+
+ray_backend = RayBackend()
+"""The process-wide async orchestrator; the blocking functions below call it."""
+
+init = blocking(ray_backend.initialize_ray)
+start = blocking(ray_backend.start_model)
+wait_for_ready = blocking(ray_backend.wait_for_ready)
+status = blocking(ray_backend.get_status)
+stop = blocking(ray_backend.stop_model)
+shutdown = blocking(ray_backend.shutdown)
+model_status = blocking(ray_backend.model_status)
+
+
+def client(name: str | None = None, **kwargs: object) -> openai.OpenAI:
+    """An ``openai.OpenAI`` client for the deployed model ``name`` (the only one if None)."""
+    return openai.OpenAI(base_url=model_status(name).base_url, api_key="not-needed", **kwargs)
+
+
+def async_client(name: str | None = None, **kwargs: object) -> openai.AsyncOpenAI:
+    """An ``openai.AsyncOpenAI`` client for the deployed model ``name`` (the only one if None)."""
+    return openai.AsyncOpenAI(base_url=model_status(name).base_url, api_key="not-needed", **kwargs)
+
+
+__all__ = [
+    "DEMO_PROMPT",
+    "TINY_MODEL_REPLY",
+    "ClusterError",
+    "ConfigError",
+    "DeploymentError",
+    "ModelConfig",
+    "ModelStatus",
+    "NotDeployedError",
+    "Progress",
+    "RayBackend",
+    "RayVllmError",
+    "ReadinessTimeout",
+    "Status",
+    "async_client",
+    "available_configs",
+    "client",
+    "init",
+    "load_config",
+    "make_tiny_model",
+    "model_status",
+    "ray_backend",
+    "shutdown",
+    "start",
+    "status",
+    "stop",
+    "wait_for_ready",
+]

@@ -1,0 +1,1 @@
+"""Private implementation; nothing here is public API."""

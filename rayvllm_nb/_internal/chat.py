@@ -1,0 +1,64 @@
+"""Streaming chat through the OpenAI client, with the timings users ask about (TTFT, tok/s)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import openai
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """A finished streamed answer and how fast it came."""
+
+    text: str
+    completion_tokens: int
+    ttft_s: float
+    total_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Output tokens per second after the first token."""
+        decode = self.total_s - self.ttft_s
+        return (self.completion_tokens - 1) / decode if decode > 0 and self.completion_tokens > 1 else 0.0
+
+    def summary(self) -> str:
+        """One line: tokens, time to first token, decode speed."""
+        return f"{self.completion_tokens} tokens, TTFT {self.ttft_s * 1000:.0f} ms, {self.tokens_per_s:.1f} tok/s"
+
+
+def stream_chat(
+    client: openai.OpenAI,
+    model: str,
+    messages: list[dict[str, str]],
+    on_text: Callable[[str], None],
+    *,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+) -> ChatResult:
+    """Stream one chat answer, calling ``on_text`` with each piece as it arrives."""
+    started = time.perf_counter()
+    first: float | None = None
+    pieces: list[str] = []
+    tokens = 0
+    stream = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
+        stream=True, stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            if choice.delta.content:
+                first = first if first is not None else time.perf_counter()
+                pieces.append(choice.delta.content)
+                on_text(choice.delta.content)
+    ended = time.perf_counter()
+    return ChatResult(
+        text="".join(pieces),
+        completion_tokens=tokens,
+        ttft_s=(first if first is not None else ended) - started,
+        total_s=ended - started,
+    )

@@ -1,0 +1,14 @@
+"""Where rayvllm_nb keeps files on this machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """``$RAYVLLM_NB_CACHE``, else ``$XDG_CACHE_HOME/rayvllm_nb``, else ``~/.cache/rayvllm_nb``."""
+    explicit = os.environ.get("RAYVLLM_NB_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rayvllm_nb"

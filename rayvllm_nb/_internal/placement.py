@@ -1,0 +1,63 @@
+"""The placement plan: which Ray resources one replica asks for, decided before deploying.
+
+Kept apart from the engine so the GPU plan can be tested on machines without GPUs:
+the plan is plain data that a test compares with what it expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rayvllm_nb.config import ModelConfig
+from rayvllm_nb.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """Resources of one replica: one placement-group bundle per tensor-parallel rank."""
+
+    device: Literal["cpu", "gpu"]
+    bundles: list[dict[str, float]]
+    strategy: str
+    env_vars: dict[str, str] = field(default_factory=dict)
+
+
+def plan_placement(config: ModelConfig, cluster_resources: dict[str, float], cores_per_node: int) -> PlacementPlan:
+    """Plan one replica of ``config`` on a cluster with ``cluster_resources`` in total.
+
+    GPU, TP=1: one bundle ``{GPU: 1, CPU: 2}``. GPU, TP>1: ``{GPU: 1, CPU: 1}`` per rank,
+    PACK. CPU: ``{CPU: 1}`` per rank, PACK, with the KV-cache size and, for TP>1, the
+    per-rank core binding vLLM's CPU workers need when the node reports no NUMA layout.
+    """
+    gpus = int(cluster_resources.get("GPU", 0))
+    device = config.device if config.device != "auto" else ("gpu" if gpus > 0 else "cpu")
+    tp = config.tensor_parallel_size
+    if device == "gpu":
+        if gpus == 0:
+            raise ConfigError(
+                f"device='gpu' was asked for {config.name!r} but the cluster has no GPUs. "
+                "Use device='cpu' (or 'auto'), or connect to a cluster with GPUs."
+            )
+        bundles = [{"GPU": 1.0, "CPU": 2.0}] if tp == 1 else [{"GPU": 1.0, "CPU": 1.0} for _ in range(tp)]
+        return PlacementPlan(device="gpu", bundles=bundles, strategy="PACK")
+
+    env_vars: dict[str, str] = {}
+    if config.cpu_kvcache_space_gb is not None:
+        env_vars["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gb)
+    binding = config.cpu_omp_threads_bind or (_split_cores(cores_per_node, tp) if tp > 1 else None)
+    if binding:
+        env_vars["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    return PlacementPlan(device="cpu", bundles=[{"CPU": 1.0} for _ in range(tp)], strategy="PACK", env_vars=env_vars)
+
+
+def _split_cores(cores: int, ranks: int) -> str:
+    """Contiguous, disjoint core ranges, one per rank: 4 cores, 2 ranks -> '0-1|2-3'."""
+    per_rank = max(cores // ranks, 1)
+    ranges = []
+    for rank in range(ranks):
+        first = (rank * per_rank) % max(cores, 1)
+        last = first + per_rank - 1
+        ranges.append(str(first) if first == last else f"{first}-{last}")
+    return "|".join(ranges)
+

@@ -1,0 +1,136 @@
+"""`rayvllm`: the same verbs as the Python API, each usable from a new process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import rayvllm_nb
+from rayvllm_nb._internal.chat import stream_chat
+from rayvllm_nb.backend import Progress
+from rayvllm_nb.errors import ConfigError, RayVllmError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `rayvllm` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RayVllmError as error:
+        print(f"rayvllm: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayvllm", description="Deploy vLLM on Ray Serve and use it.")
+    parser.add_argument("--address", help="Ray address (host:port or ray://host:10001); default: local cluster")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="deploy a model and exit once it is ready (it keeps running)")
+    serve.add_argument("config", help="YAML file or config name under configs/models (e.g. tiny-cpu)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (repeatable), e.g. --set tensor_parallel_size=2")
+    serve.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness")
+    serve.add_argument("--no-wait", action="store_true", help="return once deployed, without waiting")
+    serve.set_defaults(run=_serve)
+
+    status = commands.add_parser("status", help="cluster, Serve and deployed models")
+    status.set_defaults(run=_status)
+
+    stop = commands.add_parser("stop", help="stop a model (the only one when NAME is omitted)")
+    stop.add_argument("name", nargs="?", help="served model name")
+    stop.add_argument("--all", action="store_true", help="stop every model deployed through rayvllm_nb")
+    stop.add_argument("--cluster", action="store_true", help="then stop the local Ray cluster too (ray stop)")
+    stop.set_defaults(run=_stop)
+
+    chat = commands.add_parser("chat", help="send one message and stream the answer")
+    chat.add_argument("text", help="the user message")
+    chat.add_argument("--model", help="served model name (default: the only one)")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.set_defaults(run=_chat)
+
+    demo = commands.add_parser("demo", help="tiny CPU model: build, deploy, chat, status, stop")
+    demo.set_defaults(run=_demo)
+
+    tiny = commands.add_parser("make-tiny-model", help="build the tiny chat model into PATH")
+    tiny.add_argument("path")
+    tiny.set_defaults(run=_make_tiny_model)
+    return parser
+
+
+def _connect(args: argparse.Namespace) -> None:
+    rayvllm_nb.init(args.address)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = rayvllm_nb.load_config(args.config, args.overrides)
+    _connect(args)
+    status = rayvllm_nb.start(
+        config, wait_ready=not args.no_wait, timeout=args.timeout, on_progress=_print_progress
+    )
+    verb = "ready" if status.ready else "deploying"
+    print(f"{status.name} {verb} at {status.base_url}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    _connect(args)
+    print(rayvllm_nb.status())
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    cluster = rayvllm_nb.init(args.address)
+    if args.cluster and not cluster.is_local:
+        raise ConfigError(f"--cluster only stops a Ray cluster on this machine; {cluster.address} is remote.")
+    everything = args.all or (args.cluster and not args.name)
+    names = [model.name for model in rayvllm_nb.status().models] if everything else [args.name]
+    for name in names:
+        print(f"stopped {rayvllm_nb.stop(name)}")
+    if args.cluster:
+        from rayvllm_nb._internal.cluster import stop_local_cluster
+
+        rayvllm_nb.shutdown()
+        stop_local_cluster()
+        print("stopped the local Ray cluster")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    _connect(args)
+    model = rayvllm_nb.model_status(args.model)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.text}
+    ]
+    result = stream_chat(
+        rayvllm_nb.client(model.name), model.name, messages,
+        on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+        max_tokens=args.max_tokens, temperature=args.temperature,
+    )
+    print()
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rayvllm_nb.demo import run_demo
+
+    return 0 if run_demo() else 1
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    print(rayvllm_nb.make_tiny_model(args.path))
+    return 0
+
+
+def _print_progress(progress: Progress) -> None:
+    print(f"[{progress.elapsed_s:6.1f} s] {progress.name}: {progress.stage}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Model configs: YAML or a dict in, a validated :class:`ModelConfig` out.
+
+A config names the model, how to place it (device, tensor parallelism) and how
+vLLM should run it. ``load_config`` is the one way in: it accepts a
+``ModelConfig``, a dict (the seed's plain dict works), a YAML path or the name of
+a file under ``configs/models/``, applies ``key=value`` overrides and turns every
+validation problem into one actionable :class:`~rayvllm_nb.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from rayvllm_nb.errors import ConfigError
+from rayvllm_nb.tiny_model import TINY_MODEL_REF
+
+_REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+class ModelConfig(BaseModel):
+    """One model to deploy: what to load, where to place it and how vLLM runs it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field(
+        description=(
+            "Hugging Face model id, local folder, or 'builtin:tiny' for the embedded tiny "
+            "CPU model (built and cached on first use)."
+        )
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="Name clients pass as `model`; defaults to the model id or folder name.",
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="Devices one replica spans (GPUs, or CPU workers in CPU mode)."
+    )
+    num_replicas: int = Field(default=1, ge=1, description="Identical replicas Serve routes requests across.")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description="Where to run; 'auto' means GPU when the cluster has GPUs, else CPU."
+    )
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = Field(
+        default="auto", description="Weight and activation dtype passed to vLLM."
+    )
+    max_model_len: int | None = Field(
+        default=None, gt=0, description="Context length; vLLM derives it from the model when unset."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="Fraction of each GPU's memory vLLM may use (GPU mode)."
+    )
+    enforce_eager: bool = Field(default=False, description="Disable CUDA graphs / compilation (faster start).")
+    trust_remote_code: bool = Field(default=False, description="Allow model repositories to run their own code.")
+    download_dir: str | None = Field(default=None, description="Where vLLM downloads weights on the nodes.")
+    load_format: str = Field(default="auto", description="vLLM weight format ('auto', 'safetensors', 'pt', ...).")
+    enable_prefix_caching: bool | None = Field(
+        default=None, description="Reuse KV cache across shared prompt prefixes; vLLM's default when unset."
+    )
+    chat_template: str | None = Field(
+        default=None, description="Jinja chat template (text or file path) overriding the tokenizer's."
+    )
+    hf_token: SecretStr | None = Field(
+        default=None, description="Hugging Face token for gated models; sent to replicas, never shown."
+    )
+    cpu_kvcache_space_gb: int | None = Field(
+        default=None,
+        ge=1,
+        description="KV cache size in whole GiB per CPU engine (CPU mode); vLLM's default when unset.",
+    )
+    cpu_omp_threads_bind: str | None = Field(
+        default=None,
+        description="CPU cores each TP rank binds, e.g. '0|1' (CPU mode); split evenly when unset and TP > 1.",
+    )
+    host: str = Field(default="127.0.0.1", description="Serve HTTP host; fixed when Serve first starts.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP port; fixed when Serve first starts.")
+    route_prefix: str = Field(
+        default="/", description="URL prefix of this model's OpenAI API; each running model needs its own."
+    )
+    engine: str = Field(default="serve-llm", description="Engine implementation, by registry name.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM engine arguments (AsyncEngineArgs names)."
+    )
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment variables set on the replicas.")
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _route_prefix_is_a_path(cls, value: str) -> str:
+        if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", value):
+            raise ValueError(f"route_prefix must be a URL path starting with '/', got {value!r}")
+        return value.rstrip("/") or "/"
+
+    @property
+    def name(self) -> str:
+        """The served model name: what clients pass as ``model``."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model == TINY_MODEL_REF:
+            return "tiny"
+        if _looks_like_path(self.model):
+            return Path(self.model).expanduser().resolve().name
+        return self.model
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data with secrets masked: safe to log, show and store."""
+        data = self.model_dump(mode="json", exclude={"hf_token"})
+        data["hf_token"] = "**********" if self.hf_token else None
+        data["served_model_name"] = self.name
+        return data
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(model))
+
+
+def available_configs() -> dict[str, Path]:
+    """Model configs shipped with the project (and in ./configs/models), by name."""
+    found: dict[str, Path] = {}
+    for folder in (_REPO_CONFIGS, Path.cwd() / "configs" / "models"):
+        if folder.is_dir():
+            found.update({p.stem: p for p in sorted(folder.glob("*.yaml"))})
+    return found
+
+
+def load_config(
+    source: ModelConfig | Mapping[str, Any] | str | os.PathLike[str],
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+) -> ModelConfig:
+    """Build a validated :class:`ModelConfig`.
+
+    ``source`` is a ``ModelConfig``, a dict, a YAML file path, or a config name under
+    ``configs/models/`` (e.g. ``"tiny-cpu"``). ``overrides`` is a mapping or
+    ``"key=value"`` strings (values parsed as YAML; ``engine_kwargs.max_num_seqs=8``
+    sets a nested key).
+    """
+    if isinstance(source, ModelConfig):
+        data = source.model_dump()
+        if source.hf_token is not None:
+            data["hf_token"] = source.hf_token.get_secret_value()
+        origin = "the given ModelConfig"
+    elif isinstance(source, Mapping):
+        data, origin = dict(source), "the given dict"
+    else:
+        path = _find_config_file(str(source))
+        data, origin = _read_yaml(path), str(path)
+    for key, value in _parse_overrides(overrides).items():
+        _set_dotted(data, key, value)
+    return _validate(data, origin)
+
+
+def _find_config_file(source: str) -> Path:
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    named = available_configs()
+    if source in named:
+        return named[source]
+    hint = difflib.get_close_matches(source, named, n=1)
+    raise ConfigError(
+        f"Config {source!r} is neither a YAML file nor a known config name. "
+        + (f"Did you mean {hint[0]!r}? " if hint else "")
+        + f"Known configs: {', '.join(named) or 'none'}; or pass a path to a YAML file."
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"Config file {path} is not valid YAML: {error}. Fix the file and retry.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"Config file {path} must hold a mapping of keys (model: ..., tensor_parallel_size: ...), "
+            f"not a {type(data).__name__}."
+        )
+    return data
+
+
+def _parse_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"Override {item!r} is not of the form key=value (e.g. tensor_parallel_size=2).")
+        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return parsed
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    target = data
+    for part in parents:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"Override {key!r}: {part!r} is not a mapping, so it has no key {leaf!r}.")
+    target[leaf] = value
+
+
+def _validate(data: dict[str, Any], origin: str) -> ModelConfig:
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as error:
+        problems = [_describe(problem) for problem in error.errors()]
+        raise ConfigError(
+            f"Invalid model config from {origin}: " + "; ".join(problems) + ". "
+            "Fix these keys (see the README's config table) and retry."
+        ) from None
+
+
+def _describe(problem: Mapping[str, Any]) -> str:
+    location = ".".join(str(part) for part in problem["loc"])
+    if problem["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(str(problem["loc"][-1]), ModelConfig.model_fields, n=1)
+        return f"unknown key {location!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+    if problem["type"] == "missing":
+        return f"missing required key {location!r}"
+    shown = "**********" if location == "hf_token" else repr(problem.get("input"))
+    return f"{location}={shown}: {problem['msg']}"

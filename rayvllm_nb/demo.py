@@ -1,0 +1,59 @@
+"""The main job of `make demo`: build the tiny model, deploy it on CPU, chat, stop everything."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import rayvllm_nb
+from rayvllm_nb._internal.chat import stream_chat
+from rayvllm_nb.backend import Progress
+from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, tiny_model_path
+
+
+def run_demo(config: str = "tiny-cpu", out: Callable[[str], None] = print) -> bool:
+    """Run the demo end to end; True when the model answered the known sentence."""
+    timings: dict[str, float] = {}
+
+    def timed(label: str, started: float) -> None:
+        timings[label] = time.perf_counter() - started
+        out(f"  {label}: {timings[label]:.1f} s")
+
+    started = time.perf_counter()
+    out("1/5 tiny model")
+    out(f"  {tiny_model_path()}")
+    timed("model build or cache", started)
+
+    step = time.perf_counter()
+    out("2/5 Ray cluster")
+    cluster = rayvllm_nb.init()
+    out(f"  {cluster.address} ({cluster.mode}), resources {cluster.resources}")
+    timed("cluster", step)
+    try:
+        step = time.perf_counter()
+        out(f"3/5 deploy {config!r} on Ray Serve")
+        status = rayvllm_nb.start(config, wait_ready=True, on_progress=lambda p: out(_progress_line(p)))
+        timed("deploy to ready", step)
+
+        out(f"4/5 chat: {DEMO_PROMPT!r}")
+        result = stream_chat(
+            rayvllm_nb.client(status.name), status.name, [{"role": "user", "content": DEMO_PROMPT}],
+            on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+        )
+        out("")
+        out(f"  {result.summary()}")
+
+        out("5/5 status")
+        out(str(rayvllm_nb.status()))
+    finally:
+        step = time.perf_counter()
+        rayvllm_nb.shutdown()
+        timed("stop and clean up", step)
+    ok = result.text == TINY_MODEL_REPLY
+    out(f"total {time.perf_counter() - started:.1f} s; answer {'matches' if ok else 'DIFFERS from'} the known sentence")
+    return ok
+
+
+def _progress_line(progress: Progress) -> str:
+    return f"  [{progress.elapsed_s:5.1f} s] {progress.stage}"

@@ -1,0 +1,26 @@
+"""The engine interface: turn a validated config and its placement plan into a Serve app."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+from rayvllm_nb._internal.placement import PlacementPlan
+from rayvllm_nb.config import ModelConfig
+
+if TYPE_CHECKING:
+    from ray.serve.deployment import Application
+
+
+class Engine(ABC):
+    """Builds the Ray Serve application that serves one model behind an OpenAI API."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def build_application(self, config: ModelConfig, model_source: str, plan: PlacementPlan) -> Application:
+        """Return the Serve application for ``config``, loading weights from ``model_source``."""
+
+    @abstractmethod
+    def engine_deployment(self, config: ModelConfig) -> str:
+        """Name of the deployment whose replicas run the vLLM engine (for status and logs)."""
