@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rayvllm_nb.config import ModelConfig, available_configs, load_config
+from rayvllm_nb.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_seed_dict_is_accepted_with_defaults_for_the_rest() -> None:
+    seed = {"model": "meta-llama/Llama-2-7b-chat-hf", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.9}
+    config = load_config({**seed, "port": 8000})
+    assert config.tensor_parallel_size == 2
+    assert config.host == "127.0.0.1"
+    assert config.name == "meta-llama/Llama-2-7b-chat-hf"
+
+
+def test_every_shipped_config_validates() -> None:
+    names = available_configs()
+    assert {"tiny-cpu", "qwen2.5-0.5b-gpu", "llama2-7b-tp2-gpu"} <= set(names)
+    for name in names:
+        assert isinstance(load_config(name), ModelConfig)
+
+
+def test_tiny_cpu_config_matches_the_embedded_default() -> None:
+    config = load_config(REPO / "configs" / "models" / "tiny-cpu.yaml")
+    assert (config.model, config.device, config.dtype) == ("builtin:tiny", "cpu", "bfloat16")
+    assert (config.max_model_len, config.enforce_eager, config.cpu_kvcache_space_gb) == (256, True, 1)
+    assert config.name == "tiny"
+
+
+def test_overrides_are_parsed_as_yaml_and_may_be_nested() -> None:
+    config = load_config("tiny-cpu", ["tensor_parallel_size=2", "engine_kwargs.max_num_seqs=8", "model=/x/y"])
+    assert config.tensor_parallel_size == 2
+    assert config.engine_kwargs == {"max_num_seqs": 8}
+    assert config.name == "y"
+
+
+def test_unknown_key_is_named_with_a_suggestion() -> None:
+    expected = r"unknown key 'tensor_paralel_size' \(did you mean 'tensor_parallel_size'\?\)"
+    with pytest.raises(ConfigError, match=expected):
+        load_config({"model": "m", "tensor_paralel_size": 2})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("tensor_parallel_size", 0, "tensor_parallel_size=0"),
+        ("gpu_memory_utilization", 1.5, "gpu_memory_utilization=1.5"),
+        ("dtype", "fp7", "dtype='fp7'"),
+        ("route_prefix", "v1", "route_prefix='v1'"),
+    ],
+)
+def test_bad_values_fail_with_the_key_and_value(key: str, value: object, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_config({"model": "m", key: value})
+
+
+def test_unknown_config_name_suggests_the_closest() -> None:
+    with pytest.raises(ConfigError, match="Did you mean 'tiny-cpu'"):
+        load_config("tiny-cup")
+
+
+def test_malformed_override_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("tiny-cpu", ["tensor_parallel_size"])
+
+
+def test_hf_token_never_shows_in_repr_errors_or_public_dict() -> None:
+    secret = "hf_planted_secret_123"
+    config = load_config({"model": "m", "hf_token": secret})
+    assert secret not in repr(config) and secret not in str(config.public_dict())
+    assert config.hf_token is not None and config.hf_token.get_secret_value() == secret
+    with pytest.raises(ConfigError) as error:
+        load_config({"model": "m", "hf_token": 12345678})
+    assert "12345678" not in str(error.value)
+    assert load_config(config).hf_token.get_secret_value() == secret
