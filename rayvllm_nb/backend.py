@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 
 from rayvllm_nb._internal import cluster as _cluster
+from rayvllm_nb._internal import logs as _logs
 from rayvllm_nb._internal.cluster import ClusterInfo
 from rayvllm_nb._internal.placement import PlacementPlan, plan_placement
 from rayvllm_nb.config import ModelConfig, _looks_like_path, load_config
@@ -31,6 +33,8 @@ from rayvllm_nb.tiny_model import TINY_MODEL_REF, tiny_model_path
 _KV_NAMESPACE = "rayvllm_nb"
 _KV_PREFIX = "model:"
 _POLL_SECONDS = 0.5
+_LOG_POLL_SECONDS = 2.0
+_STARTING = "starting the engine"
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class ModelStatus:
     replica_states: dict[str, int]
     base_url: str
     message: str = ""
+    replica_actor_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,38 +136,79 @@ class RayBackend:
         config: ModelConfig | Mapping[str, Any] | str | Path,
         overrides: Mapping[str, Any] | Iterable[str] | None = None,
         *,
+        replace: bool = False,
         wait_ready: bool = False,
         timeout: float = 900.0,
         on_progress: ProgressCallback | None = None,
     ) -> ModelStatus:
-        """Validate ``config``, deploy it on Serve and return its status (ready if ``wait_ready``)."""
+        """Validate ``config``, deploy it on Serve and return its status (ready if ``wait_ready``).
+
+        Everything that can be checked before deploying is: the config, the engine
+        arguments, the cluster's devices, Serve's address and the names and URL prefixes
+        already in use. ``replace=True`` stops a running model of the same name first.
+        """
         model_config = load_config(config, overrides)
         model_source = _resolve_model_source(model_config.model)
         await self.initialize_ray()
-        await asyncio.to_thread(self._deploy, model_config, model_source)
+        await asyncio.to_thread(self._deploy, model_config, model_source, replace)
         if wait_ready:
             return await self.wait_for_ready(model_config.name, timeout=timeout, on_progress=on_progress)
         return await self.model_status(model_config.name)
 
-    def _deploy(self, config: ModelConfig, model_source: str) -> None:
+    def _deploy(self, config: ModelConfig, model_source: str, replace: bool) -> None:
         from ray import serve
 
-        resources, cores_per_node = _cluster.cluster_resources()
-        plan = plan_placement(config, resources, cores_per_node)
+        resources, node_cpus = _cluster.cluster_resources()
+        plan = plan_placement(config, resources, node_cpus)
         engine = get_engine(config.engine)
-        application = engine.build_application(config, model_source, plan)
+        engine.validate(config)
+        running = {record.name: record for record in _kv_records()}
+        if config.name in running and not replace:
+            raise ConfigError(
+                f"A model named {config.name!r} is already running. Stop it first, pass replace=True "
+                "(`--replace` on the command line), or choose another served_model_name."
+            )
+        holder = next(
+            (r for r in running.values() if r.config["route_prefix"] == config.route_prefix and r.name != config.name),
+            None,
+        )
+        if holder is not None:
+            raise ConfigError(
+                f"Route prefix {config.route_prefix!r} is already used by model {holder.name!r}. Give this model "
+                "its own, e.g. route_prefix=/" + re.sub(r"[^A-Za-z0-9_.-]", "-", config.name) + ", or stop that one."
+            )
         self._ensure_serve(config)
+        if config.name in running:
+            self._delete(running[config.name])
         record = _DeploymentRecord.create(config, plan, engine.engine_deployment(config))
-        serve._run(application, _blocking=False, name=record.app_name, route_prefix=config.route_prefix)
+        application = engine.build_application(config, model_source, plan)
+        try:
+            serve._run(application, _blocking=False, name=record.app_name, route_prefix=config.route_prefix)
+        except Exception:
+            engine.release(config.name)
+            raise
         _kv_put(record)
         self._started_here.add(config.name)
 
     def _ensure_serve(self, config: ModelConfig) -> None:
+        """Start Serve on the config's host/port, or check that the running Serve uses them."""
         from ray import serve
 
-        if _serve_details() is None:
-            serve.start(http_options={"host": config.host, "port": config.port})
-            self._serve_started_here = True
+        details = _serve_details()
+        if details is not None:
+            http = details.get("http_options") or {}
+            running, asked = f"{http.get('host')}:{http.get('port')}", f"{config.host}:{config.port}"
+            if running != asked:
+                raise ConfigError(
+                    f"Serve already runs on {running} but this config asks for {asked}. Serve's HTTP address "
+                    f"is fixed when it first starts: use host={http.get('host')!r} and port={http.get('port')}, "
+                    "or stop every model and Serve (`rayvllm stop --all`, then serve.shutdown()) first."
+                )
+            return
+        if self._cluster is not None and self._cluster.is_local:
+            _check_port_free(config.host, config.port)
+        serve.start(http_options={"host": config.host, "port": config.port})
+        self._serve_started_here = True
 
     async def wait_for_ready(
         self, name: str | None = None, *, timeout: float = 900.0, on_progress: ProgressCallback | None = None
@@ -174,20 +220,27 @@ class RayBackend:
         """
         record = await self._record(name)
         started = time.monotonic()
-        last_stage = ""
+        last_stage, log_stage, logs_checked = "", None, 0.0
         async with httpx.AsyncClient(timeout=5.0) as http:
             while True:
                 status = await self.model_status(record.name)
-                stage = _stage(status)
-                if stage != last_stage and on_progress is not None:
-                    on_progress(Progress(record.name, stage, time.monotonic() - started, status.message))
-                last_stage = stage
                 if status.status in ("DEPLOY_FAILED", "UNHEALTHY") or "failed to start" in status.message:
+                    reason = await asyncio.to_thread(_failure_reason, status.message)
                     await asyncio.to_thread(self._delete, record)
                     raise DeploymentError(
-                        f"Model {record.name!r} failed to start and was removed. Serve reported: "
-                        f"{status.message.strip() or status.status}. Fix the config or the model files and start again."
+                        f"Model {record.name!r} failed to start and was removed (nothing of it is left running). "
+                        f"vLLM/Serve reported: {reason}. Fix the config or the model files and start again."
                     )
+                stage = _stage(status)
+                if stage == _STARTING and time.monotonic() - logs_checked > _LOG_POLL_SECONDS:
+                    logs_checked = time.monotonic()
+                    lines = await asyncio.to_thread(_replica_logs, status.replica_actor_ids, 200)
+                    log_stage = _logs.loading_stage(lines) or log_stage
+                if stage == _STARTING and log_stage:
+                    stage = f"{_STARTING}: {log_stage}"
+                if stage != last_stage and on_progress is not None:
+                    on_progress(Progress(record.name, stage, time.monotonic() - started))
+                last_stage = stage
                 if status.status == "RUNNING" and await _serves(http, status.base_url, record.name):
                     ready = await self.model_status(record.name)
                     if on_progress is not None:
@@ -199,6 +252,11 @@ class RayBackend:
                         "deploying: call wait_for_ready() again, look at status() and logs, or stop_model() it."
                     )
                 await asyncio.sleep(_POLL_SECONDS)
+
+    async def get_logs(self, name: str | None = None, tail: int = 100) -> list[str]:
+        """The last ``tail`` lines of the model's engine replicas (vLLM's and Serve's), newest last."""
+        status = await self.model_status(name)
+        return await asyncio.to_thread(_replica_logs, status.replica_actor_ids, tail)
 
     async def get_status(self) -> Status:
         """The cluster, Serve's HTTP address and every model deployed through rayvllm_nb."""
@@ -226,6 +284,7 @@ class RayBackend:
         from ray import serve
 
         serve.delete(record.app_name, _blocking=True)
+        get_engine(record.config["engine"]).release(record.name)
         _kv_delete(record.name)
         self._started_here.discard(record.name)
 
@@ -323,6 +382,18 @@ def _resolve_model_source(model: str) -> str:
     return model
 
 
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConfigError(
+                f"Port {port} on {host} is already used by another program ({error.strerror}), so Serve cannot "
+                f"listen there. Stop that program or set another port (e.g. `--set port={port + 1}`)."
+            ) from None
+
+
 def _serve_details() -> dict[str, Any] | None:
     """Serve's own view of its apps, deployments and replicas, as plain JSON data."""
     from ray.serve.context import _get_global_client
@@ -336,6 +407,7 @@ def _serve_details() -> dict[str, Any] | None:
 def _status_of(record: _DeploymentRecord, details: dict[str, Any] | None) -> ModelStatus:
     app = ((details or {}).get("applications") or {}).get(record.app_name)
     replica_states: dict[str, int] = {}
+    actor_ids: list[str] = []
     messages = []
     deployment_statuses = []
     if app:
@@ -346,6 +418,8 @@ def _status_of(record: _DeploymentRecord, details: dict[str, Any] | None) -> Mod
             if deployment["name"] == record.engine_deployment:
                 for replica in deployment.get("replicas", []):
                     replica_states[replica["state"]] = replica_states.get(replica["state"], 0) + 1
+                    if replica.get("actor_id"):
+                        actor_ids.append(replica["actor_id"])
     status = app["status"] if app else "NOT_RUNNING"
     if "UNHEALTHY" in deployment_statuses and status != "RUNNING":
         status = "UNHEALTHY"
@@ -361,7 +435,24 @@ def _status_of(record: _DeploymentRecord, details: dict[str, Any] | None) -> Mod
         replica_states=replica_states,
         base_url=record.base_url,
         message="\n".join(m for m in messages if m),
+        replica_actor_ids=tuple(actor_ids),
     )
+
+
+def _replica_logs(actor_ids: Iterable[str], tail: int) -> list[str]:
+    ids = list(actor_ids)
+    if len(ids) == 1:
+        return _logs.fetch_actor_logs(ids[0], tail)
+    tagged = [[f"[replica {i}] {line}" for line in _logs.fetch_actor_logs(actor, tail)] for i, actor in enumerate(ids)]
+    return [line for stream in tagged for line in stream][-tail:]
+
+
+def _failure_reason(message: str) -> str:
+    """vLLM's own error for a replica that failed to start, from its logs; else Serve's last error line."""
+    actor = re.search(r"actor_id=([0-9a-f]+)", message)
+    lines = _logs.fetch_actor_logs(actor.group(1), 2000) if actor else []
+    cause = _logs.root_cause(lines) or _logs.root_cause(message.splitlines())
+    return cause or (message.strip().splitlines() or ["no reason given"])[-1]
 
 
 def _stage(status: ModelStatus) -> str:
@@ -373,7 +464,7 @@ def _stage(status: ModelStatus) -> str:
     if states.get("PENDING_ALLOCATION") or states.get("PENDING_MIGRATION"):
         return "waiting for resources"
     if states.get("STARTING"):
-        return "starting the engine (loading the model)"
+        return _STARTING
     return "deploying (" + ", ".join(sorted(states)) + ")"
 
 

@@ -24,7 +24,7 @@ TINY_MODEL_REF = "builtin:tiny"
 
 DEMO_PROMPT = "Say hello."
 TINY_MODEL_REPLY = "Hello! I am a tiny Llama served by vLLM on Ray Serve."
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"
 
 _SPECIAL_TOKENS = ["<|pad|>", "<|begin|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 _CHAT_TEMPLATE = (
@@ -91,7 +91,7 @@ def make_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, max_steps: i
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=64,
-        max_position_embeddings=256,
+        max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -147,7 +147,7 @@ def _train_tokenizer():
         bos_token="<|begin|>",
         eos_token="<|end|>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
-        model_max_length=256,
+        model_max_length=2048,
     )
     tokenizer.chat_template = _CHAT_TEMPLATE
     return tokenizer

@@ -98,11 +98,11 @@ def stop_local_cluster() -> None:
 
 
 def cluster_resources() -> tuple[dict[str, float], int]:
-    """Total resources of the cluster, and the CPUs of its smallest alive node."""
+    """Total resources of the cluster, and the CPUs of its largest alive node."""
     import ray
 
     node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
-    return dict(ray.cluster_resources()), min(node_cpus, default=0)
+    return dict(ray.cluster_resources()), max(node_cpus, default=0)
 
 
 def _init(address: str) -> None:

@@ -23,8 +23,9 @@ class PlacementPlan:
     env_vars: dict[str, str] = field(default_factory=dict)
 
 
-def plan_placement(config: ModelConfig, cluster_resources: dict[str, float], cores_per_node: int) -> PlacementPlan:
-    """Plan one replica of ``config`` on a cluster with ``cluster_resources`` in total.
+def plan_placement(config: ModelConfig, cluster_resources: dict[str, float], node_cpus: int) -> PlacementPlan:
+    """Plan one replica of ``config`` on a cluster with ``cluster_resources`` in total
+    and ``node_cpus`` CPUs on its largest node (CPU-mode ranks share one node).
 
     GPU, TP=1: one bundle ``{GPU: 1, CPU: 2}``. GPU, TP>1: ``{GPU: 1, CPU: 1}`` per rank,
     PACK. CPU: ``{CPU: 1}`` per rank, PACK, with the KV-cache size and, for TP>1, the
@@ -39,13 +40,23 @@ def plan_placement(config: ModelConfig, cluster_resources: dict[str, float], cor
                 f"device='gpu' was asked for {config.name!r} but the cluster has no GPUs. "
                 "Use device='cpu' (or 'auto'), or connect to a cluster with GPUs."
             )
+        if tp > gpus:
+            raise ConfigError(
+                f"tensor_parallel_size={tp} needs {tp} GPUs but the cluster has {gpus}. "
+                f"Use tensor_parallel_size<={gpus}, or add GPU nodes to the cluster."
+            )
         bundles = [{"GPU": 1.0, "CPU": 2.0}] if tp == 1 else [{"GPU": 1.0, "CPU": 1.0} for _ in range(tp)]
         return PlacementPlan(device="gpu", bundles=bundles, strategy="PACK")
 
+    if tp > node_cpus:
+        raise ConfigError(
+            f"tensor_parallel_size={tp} in CPU mode needs {tp} CPUs on one node but the largest node has "
+            f"{node_cpus}. Use tensor_parallel_size<={node_cpus}, or a node with more CPUs."
+        )
     env_vars: dict[str, str] = {}
     if config.cpu_kvcache_space_gb is not None:
         env_vars["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gb)
-    binding = config.cpu_omp_threads_bind or (_split_cores(cores_per_node, tp) if tp > 1 else None)
+    binding = config.cpu_omp_threads_bind or (_split_cores(node_cpus, tp) if tp > 1 else None)
     if binding:
         env_vars["VLLM_CPU_OMP_THREADS_BIND"] = binding
     return PlacementPlan(device="cpu", bundles=[{"CPU": 1.0} for _ in range(tp)], strategy="PACK", env_vars=env_vars)

@@ -24,3 +24,11 @@ class Engine(ABC):
     @abstractmethod
     def engine_deployment(self, config: ModelConfig) -> str:
         """Name of the deployment whose replicas run the vLLM engine (for status and logs)."""
+
+    def validate(self, config: ModelConfig) -> None:
+        """Raise :class:`~rayvllm_nb.errors.ConfigError` for engine arguments the engine would reject."""
+        return
+
+    def release(self, config_name: str) -> None:
+        """Free what the engine kept on the cluster for the model (e.g. its secrets) after it stopped."""
+        return

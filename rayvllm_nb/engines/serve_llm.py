@@ -2,70 +2,149 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from rayvllm_nb._internal.placement import PlacementPlan
 from rayvllm_nb.config import ModelConfig
 from rayvllm_nb.engines.base import Engine
+from rayvllm_nb.errors import ConfigError
 
 if TYPE_CHECKING:
     from ray.serve.deployment import Application
 
+_SERVER_CLASS_NAME = "VllmServer"
+
 
 class ServeLLMEngine(Engine):
-    """``ray.serve.llm``'s LLMServer for the engine, its OpenAI ingress in front (0 CPUs)."""
+    """``ray.serve.llm``'s engine server (vLLM in the replica) behind its OpenAI ingress.
+
+    Our subclasses add ``/health``, OpenAI-shaped errors and secret loading; the ingress
+    asks for 0 CPUs so it schedules even when the engine's bundles take every CPU.
+    """
 
     name = "serve-llm"
 
     def build_application(self, config: ModelConfig, model_source: str, plan: PlacementPlan) -> Application:
         with _root_logger_preserved():
-            from ray.serve.llm import LLMConfig, build_openai_app
+            from ray import serve
+            from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+            from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
+            from ray.serve.llm import LLMConfig, build_llm_deployment
+
+            from rayvllm_nb.engines import _replica
 
         llm_config = LLMConfig(
             model_loading_config={"model_id": config.name, "model_source": model_source},
             engine_kwargs=engine_arguments(config),
             placement_group_config={"bundles": plan.bundles, "strategy": plan.strategy},
-            runtime_env={"env_vars": {**plan.env_vars, **config.env_vars, **_secret_env(config)}},
+            runtime_env={"env_vars": {**plan.env_vars, **config.env_vars, **self._store_secrets(config)}},
             # The replica actor asks for nothing itself, so the placement group is
             # exactly the plan (Serve LLM would otherwise add a CPU to the first bundle).
             deployment_config={"num_replicas": config.num_replicas, "ray_actor_options": {"num_cpus": 0}},
+            server_cls=_replica.VllmServer,
         )
-        # The ingress only forwards requests: with 0 CPUs it schedules even when the
-        # engine's bundles take every CPU of a small machine.
-        return build_openai_app(
-            {"llm_configs": [llm_config], "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}}
+        ingress = make_fastapi_ingress(
+            _replica.OpenAIIngress, endpoint_map=_replica.ENDPOINTS, app=_replica.make_fastapi_app()
+        )
+        options = {**_replica.OpenAIIngress.get_deployment_options([llm_config]), "ray_actor_options": {"num_cpus": 0}}
+        return serve.deployment(ingress, **options).bind(
+            llm_deployments={config.name: build_llm_deployment(llm_config)},
+            model_cards={config.name: to_model_metadata(config.name, llm_config)},
         )
 
+    def validate(self, config: ModelConfig) -> None:
+        check_engine_kwargs(config.engine_kwargs)
+
     def engine_deployment(self, config: ModelConfig) -> str:
-        return f"LLMServer:{config.name}"
+        return f"{_SERVER_CLASS_NAME}:{config.name}"
+
+    def release(self, config_name: str) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        from rayvllm_nb.engines._replica import SECRET_NAMESPACE
+
+        _internal_kv_del(_secret_ref(config_name), namespace=SECRET_NAMESPACE)
+
+    @staticmethod
+    def _store_secrets(config: ModelConfig) -> dict[str, str]:
+        """Put the model's secrets in the cluster KV store; return the env var that points at them."""
+        if config.hf_token is None:
+            return {}
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        from rayvllm_nb.engines._replica import SECRET_NAMESPACE, SECRET_REF_ENV
+
+        token = config.hf_token.get_secret_value()
+        secrets = json.dumps({"HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token})
+        _internal_kv_put(_secret_ref(config.name), secrets, overwrite=True, namespace=SECRET_NAMESPACE)
+        return {SECRET_REF_ENV: _secret_ref(config.name)}
+
+
+def _secret_ref(name: str) -> str:
+    return f"model:{name}"
+
+
+def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> None:
+    """Check names and value types against vLLM's ``AsyncEngineArgs`` before deploying."""
+    if not engine_kwargs:
+        return
+    known = _engine_arg_types()
+    problems = []
+    for key, value in engine_kwargs.items():
+        if key in _NAMED_KEYS:
+            problems.append(f"{key!r} is a config key of its own: set `{key}: ...` instead of engine_kwargs.{key}")
+        elif key in ("model", "served_model_name"):
+            problems.append(f"{key!r} is set by the config's `model` / `served_model_name` keys")
+        elif key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            problems.append(f"unknown vLLM engine argument {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        elif known[key] is not None:
+            try:
+                known[key].validate_python(value)
+            except ValidationError as error:
+                problems.append(f"engine_kwargs.{key}={value!r}: {error.errors()[0]['msg']}")
+    if problems:
+        raise ConfigError(
+            "Invalid engine_kwargs: " + "; ".join(problems) + ". See vLLM's engine arguments "
+            "(AsyncEngineArgs) for names and types."
+        )
+
+
+_NAMED_KEYS = (
+    "tensor_parallel_size", "dtype", "gpu_memory_utilization", "enforce_eager", "trust_remote_code",
+    "load_format", "max_model_len", "download_dir", "enable_prefix_caching", "chat_template",
+)
+
+
+@functools.cache
+def _engine_arg_types() -> dict[str, TypeAdapter[Any] | None]:
+    """vLLM's engine argument names, each with a validator for its type (None if unknown)."""
+    import vllm.engine.arg_utils as arg_utils
+
+    types: dict[str, TypeAdapter[Any] | None] = {}
+    for field in dataclasses.fields(arg_utils.AsyncEngineArgs):
+        try:
+            hint = eval(field.type, vars(arg_utils)) if isinstance(field.type, str) else field.type  # noqa: S307
+            types[field.name] = TypeAdapter(hint)
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check is left to vLLM
+            types[field.name] = None
+    return types
 
 
 def engine_arguments(config: ModelConfig) -> dict[str, Any]:
-    """vLLM engine arguments for ``config``: its named keys, then its ``engine_kwargs``."""
-    arguments: dict[str, Any] = {
-        "tensor_parallel_size": config.tensor_parallel_size,
-        "dtype": config.dtype,
-        "gpu_memory_utilization": config.gpu_memory_utilization,
-        "enforce_eager": config.enforce_eager,
-        "trust_remote_code": config.trust_remote_code,
-        "load_format": config.load_format,
-    }
-    optional = {
-        "max_model_len": config.max_model_len,
-        "download_dir": config.download_dir,
-        "enable_prefix_caching": config.enable_prefix_caching,
-        "chat_template": config.chat_template,
-    }
-    arguments.update({key: value for key, value in optional.items() if value is not None})
+    """vLLM engine arguments for ``config``: its named keys (unset ones left to vLLM), then ``engine_kwargs``."""
+    arguments = {key: getattr(config, key) for key in _NAMED_KEYS if getattr(config, key) is not None}
     arguments.update(config.engine_kwargs)
     return arguments
-
-
-def _secret_env(config: ModelConfig) -> dict[str, str]:
-    return {"HF_TOKEN": config.hf_token.get_secret_value()} if config.hf_token else {}
 
 
 @contextmanager

@@ -1,0 +1,88 @@
+"""Replica logs: fetch them through Ray's state API, merge them in time order, read them.
+
+A Serve replica writes two files: vLLM (and its engine-core and worker subprocesses)
+print to stdout, Serve's replica logger (access lines with request ids) to stderr.
+Both are fetched and merged by their timestamps, so lines read newest last.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+_RAY_MARKERS = (":job_id:", ":actor_name:", ":task_name:", ":task_attempt_start", ":task_attempt_end")
+# vLLM: "INFO 11-27 05:06:20 [file.py:12] ..." (maybe after "(EngineCore pid=1) ").
+_VLLM_TIME = re.compile(r"^(?:\([^)]*\) )?[A-Z]+ (\d\d-\d\d \d\d:\d\d:\d\d)")
+# Serve: "INFO 2026-11-27 05:06:12,029 ..."
+_SERVE_TIME = re.compile(r"^[A-Z]+ \d{4}-(\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})")
+_ERROR_LINE = re.compile(r"((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+_WRAPPER_ERRORS = (
+    "WorkerProc initialization failed",
+    "Engine core initialization failed",
+    "Traceback",
+    "A replica failed to start",
+)
+
+# vLLM log lines that mark a loading stage, in the order they appear.
+LOADING_MARKERS: tuple[tuple[str, str], ...] = (
+    ("Resolved architecture", "reading the model config"),
+    ("Initializing a V1 LLM engine", "starting the engine core"),
+    ("Starting to load model", "loading weights"),
+    ("Loading weights took", "weights loaded, sizing the KV cache"),
+    ("init engine (profile, create kv cache, warmup model)", "warming up"),
+    ("Started vLLM engine", "engine started"),
+)
+
+
+def fetch_actor_logs(actor_id: str, tail: int) -> list[str]:
+    """The last ``tail`` lines an actor's worker printed (stdout and stderr, merged)."""
+    from ray.util.state import get_log
+
+    streams = []
+    for suffix in ("out", "err"):
+        try:
+            text = "".join(get_log(actor_id=actor_id, tail=tail, suffix=suffix, timeout=10))
+        except Exception:  # noqa: BLE001 - a missing file (a replica that never started) is no lines
+            text = ""
+        streams.append(text.splitlines())
+    return merge_by_time(streams)[-tail:] if tail > 0 else []
+
+
+def merge_by_time(streams: Iterable[list[str]]) -> list[str]:
+    """Merge line lists by their timestamps; untimed lines stay after the line before them."""
+    keyed = []
+    for stream_index, lines in enumerate(streams):
+        last = ""
+        for line_index, line in enumerate(lines):
+            if not line.strip() or line.startswith(_RAY_MARKERS):
+                continue
+            last = _timestamp(line) or last
+            keyed.append((last, stream_index, line_index, line))
+    return [line for *_, line in sorted(keyed)]
+
+
+def _timestamp(line: str) -> str:
+    if match := _SERVE_TIME.match(line):
+        return f"{match.group(1)}.{match.group(2)}"
+    if match := _VLLM_TIME.match(line):
+        return f"{match.group(1)}.999"
+    return ""
+
+
+def loading_stage(lines: Iterable[str]) -> str | None:
+    """The latest loading stage the log lines reached, if any."""
+    reached = None
+    for line in lines:
+        for marker, stage in LOADING_MARKERS:
+            if marker in line:
+                reached = stage
+    return reached
+
+
+def root_cause(lines: Iterable[str]) -> str | None:
+    """The first ``SomeError: message`` line that is not a generic wrapper, without log prefixes."""
+    for line in lines:
+        match = _ERROR_LINE.search(line)
+        if match and not any(wrapper in match.group(2) for wrapper in _WRAPPER_ERRORS):
+            return f"{match.group(1)}: {match.group(2).strip()}"
+    return None
