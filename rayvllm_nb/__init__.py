@@ -35,6 +35,7 @@ start = blocking(ray_backend.start_model)
 wait_for_ready = blocking(ray_backend.wait_for_ready)
 status = blocking(ray_backend.get_status)
 stop = blocking(ray_backend.stop_model)
+logs = blocking(ray_backend.get_logs)
 shutdown = blocking(ray_backend.shutdown)
 model_status = blocking(ray_backend.model_status)
 
@@ -68,6 +69,7 @@ __all__ = [
     "client",
     "init",
     "load_config",
+    "logs",
     "make_tiny_model",
     "model_status",
     "ray_backend",

@@ -35,10 +35,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config key (repeatable), e.g. --set tensor_parallel_size=2")
     serve.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness")
     serve.add_argument("--no-wait", action="store_true", help="return once deployed, without waiting")
+    serve.add_argument("--replace", action="store_true", help="stop a running model of the same name first")
     serve.set_defaults(run=_serve)
 
     status = commands.add_parser("status", help="cluster, Serve and deployed models")
     status.set_defaults(run=_status)
+
+    logs = commands.add_parser("logs", help="the engine replica's last log lines (vLLM and Serve), newest last")
+    logs.add_argument("name", nargs="?", help="served model name (default: the only one)")
+    logs.add_argument("-n", "--lines", type=int, default=100, help="how many lines")
+    logs.set_defaults(run=_logs)
 
     stop = commands.add_parser("stop", help="stop a model (the only one when NAME is omitted)")
     stop.add_argument("name", nargs="?", help="served model name")
@@ -71,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = rayvllm_nb.load_config(args.config, args.overrides)
     _connect(args)
     status = rayvllm_nb.start(
-        config, wait_ready=not args.no_wait, timeout=args.timeout, on_progress=_print_progress
+        config, replace=args.replace, wait_ready=not args.no_wait, timeout=args.timeout, on_progress=_print_progress
     )
     verb = "ready" if status.ready else "deploying"
     print(f"{status.name} {verb} at {status.base_url}")
@@ -81,6 +87,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     _connect(args)
     print(rayvllm_nb.status())
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    _connect(args)
+    for line in rayvllm_nb.logs(args.name, tail=args.lines):
+        print(line)
     return 0
 
 

@@ -4,27 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 
 import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY, ModelStatus
 from rayvllm_nb._internal.cluster import ClusterInfo
+from rayvllm_nb._internal.logs import LOADING_MARKERS
 from rayvllm_nb.errors import NotDeployedError
-from tests.conftest import leftovers
+from tests.conftest import leftovers, run_cli
 
 pytestmark = pytest.mark.slow
 CHAT = [{"role": "user", "content": DEMO_PROMPT}]
 
 
+PLANTED_TOKEN = "hf_plantedSecretToken0123456789"
+
+
 @pytest.fixture(scope="module")
 def tiny(cluster: ClusterInfo) -> Iterator[ModelStatus]:
+    """The tiny model with a long context (for abandoned long requests) and a planted HF token."""
     stages: list[str] = []
-    status = rayvllm_nb.start("tiny-cpu", wait_ready=True, timeout=600, on_progress=lambda p: stages.append(p.stage))
-    assert stages[-1] == "ready" and "starting the engine (loading the model)" in stages
+    status = rayvllm_nb.start(
+        "tiny-cpu", ["max_model_len=2048", f"hf_token={PLANTED_TOKEN}"],
+        wait_ready=True, timeout=600, on_progress=lambda p: stages.append(p.stage),
+    )
     try:
+        assert stages[-1] == "ready" and "starting the engine" in stages
+        from_logs = [stage.split(": ", 1)[1] for stage in stages if stage.startswith("starting the engine: ")]
+        order = [stage for _, stage in LOADING_MARKERS]
+        assert len(from_logs) >= 2 and from_logs == sorted(from_logs, key=order.index), stages
         yield status
     finally:
         if status.name in [m.name for m in rayvllm_nb.status().models]:
@@ -99,6 +115,157 @@ def test_async_and_blocking_facades_share_one_state(tiny: ModelStatus) -> None:
 def test_unknown_model_name_is_a_clear_not_deployed_error(tiny: ModelStatus) -> None:
     with pytest.raises(NotDeployedError, match="No model named 'nope' is deployed \\(running: tiny\\)"):
         rayvllm_nb.stop("nope")
+
+
+def test_health_is_200_while_the_engine_serves(tiny: ModelStatus) -> None:
+    response = httpx.get(_root(tiny) + "/health", timeout=30)
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "param"),
+    [
+        ({"json": {"model": "nope", "messages": CHAT}}, 404, None),
+        ({"json": {"model": "tiny", "messages": CHAT, "max_tokens": 100000}}, 400, "max_tokens"),
+        ({"json": {"model": "tiny", "messages": CHAT, "temperature": -1}}, 400, "temperature"),
+        ({"json": {"model": "tiny"}}, 400, "messages"),
+        ({"content": b'{"model": "tiny", "messages": [', "headers": {"content-type": "application/json"}}, 400, None),
+        ({"data": {"model": "tiny"}}, 415, None),
+    ],
+    ids=["unknown-model", "max-tokens", "temperature", "missing-field", "malformed-json", "form-body"],
+)
+def test_errors_are_openai_shaped_with_the_right_status(
+    tiny: ModelStatus, request_kwargs: dict, status: int, param: str | None
+) -> None:
+    response = httpx.post(f"{tiny.base_url}/chat/completions", timeout=30, **request_kwargs)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status and error["param"] == param and error["message"]
+    assert "Traceback" not in error["message"] and "Internal exception" not in error["message"]
+
+
+def test_openai_client_raises_its_own_typed_errors(tiny: ModelStatus) -> None:
+    client = rayvllm_nb.client()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=CHAT)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=100000)
+
+
+def test_disconnected_clients_free_their_requests(tiny: ModelStatus) -> None:
+    abandoned = [f"abandoned-{uuid.uuid4().hex[:8]}-{i}" for i in range(24)]
+
+    async def start_and_abandon(http: httpx.AsyncClient, request_id: str) -> None:
+        body = {"model": "tiny", "messages": CHAT, "max_tokens": 1900, "ignore_eos": True, "stream": True}
+        headers = {"x-request-id": request_id}
+        async with http.stream("POST", f"{tiny.base_url}/chat/completions", json=body, headers=headers) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    return  # leaving the block closes the connection mid-stream
+
+    async def abandon_all() -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
+            await asyncio.gather(*(start_and_abandon(http, request_id) for request_id in abandoned))
+
+    asyncio.run(abandon_all())
+    started = time.monotonic()
+    reply = rayvllm_nb.client().chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=64)
+    assert time.monotonic() - started < 5.0
+    assert reply.choices[0].message.content == TINY_MODEL_REPLY
+    deadline = time.monotonic() + 30
+    while True:
+        logs = "\n".join(rayvllm_nb.logs(tail=600))
+        cancelled = [rid for rid in abandoned if f"{rid} -- CALL chat CANCELLED" in logs]
+        if len(cancelled) == len(abandoned) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert cancelled == abandoned
+
+
+def test_logs_hold_vllm_loading_lines_and_our_access_line(tiny: ModelStatus) -> None:
+    from rayvllm_nb.tiny_model import tiny_model_path
+
+    request_id = f"logs-probe-{uuid.uuid4().hex}"
+    httpx.post(
+        f"{tiny.base_url}/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 8},
+        headers={"x-request-id": request_id}, timeout=30,
+    ).raise_for_status()
+    deadline = time.monotonic() + 20
+    while True:
+        lines = rayvllm_nb.logs(tail=2000)
+        access = [line for line in lines if f"{request_id} -- CALL chat OK" in line]
+        if access or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert access, lines[-20:]
+    loading = [i for i, line in enumerate(lines) if f"Starting to load model {tiny_model_path()}" in line]
+    assert loading and loading[0] < lines.index(access[0])
+    assert len(rayvllm_nb.logs(tail=5)) == 5
+
+
+def test_cli_logs_prints_the_newest_lines_last(tiny: ModelStatus) -> None:
+    result = run_cli("logs", "-n", "30")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 30 and any("CALL chat OK" in line for line in lines)
+
+
+def test_hf_token_reaches_the_engine_and_nowhere_else(tiny: ModelStatus) -> None:
+    import psutil
+    from ray.util.state import list_actors
+
+    engines = [p for p in psutil.process_iter(["cmdline"]) if "VLLM::EngineCore" in " ".join(p.info["cmdline"] or [])]
+    assert engines and all(p.environ().get("HF_TOKEN") == PLANTED_TOKEN for p in engines)
+
+    from rayvllm_nb.backend import _serve_details
+
+    places = {
+        "status": repr(rayvllm_nb.status()) + str(rayvllm_nb.status()),
+        "logs": "\n".join(rayvllm_nb.logs(tail=5000)),
+        "serve details": json.dumps(_serve_details()),
+        "actors": repr(list_actors(detail=True, limit=1000)),
+        "ray list actors --detail": _run_module("ray.scripts.scripts", "list", "actors", "--detail"),
+        "serve status": _run_module("ray.serve.scripts", "status"),
+        "rayvllm status": run_cli("status").stdout,
+    }
+    for name, text in places.items():
+        assert text.strip(), f"{name} printed nothing: the check would be empty"
+        assert PLANTED_TOKEN not in text, f"the token leaked into {name}"
+    with pytest.raises(rayvllm_nb.ConfigError) as error:
+        rayvllm_nb.load_config({"model": "m", "hf_token": PLANTED_TOKEN, "tensor_parallel_size": 0})
+    assert PLANTED_TOKEN not in str(error.value) and PLANTED_TOKEN not in repr(error.value)
+    leaked = subprocess.run(["grep", "-rl", PLANTED_TOKEN, _session_logs()], capture_output=True, text=True)
+    assert leaked.returncode == 1 and leaked.stdout == "", leaked.stdout
+
+
+def test_health_is_503_when_the_engine_cannot_serve(tiny: ModelStatus) -> None:
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        if "VLLM::EngineCore" in " ".join(process.info["cmdline"] or []):
+            process.kill()
+    deadline = time.monotonic() + 30
+    while (code := httpx.get(_root(tiny) + "/health", timeout=30).status_code) != 503 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert code == 503
+    error = httpx.get(_root(tiny) + "/health", timeout=30).json()["error"]
+    assert error["code"] == 503 and error["type"] == "ServiceUnavailableError"
+
+
+def _root(status: ModelStatus) -> str:
+    return status.base_url.removesuffix("/v1")
+
+
+def _run_module(module: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
+    return result.stdout + result.stderr
+
+
+def _session_logs() -> str:
+    import ray
+
+    return ray._private.worker.global_worker.node.get_logs_dir_path()
 
 
 def test_stop_leaves_no_app_placement_group_or_replica_actor(tiny: ModelStatus) -> None:

@@ -57,7 +57,11 @@ class ServeLLMEngine(Engine):
         )
         options = {**_replica.OpenAIIngress.get_deployment_options([llm_config]), "ray_actor_options": {"num_cpus": 0}}
         return serve.deployment(ingress, **options).bind(
-            llm_deployments={config.name: build_llm_deployment(llm_config)},
+            llm_deployments={
+                config.name: build_llm_deployment(
+                    llm_config, override_serve_options={"name": self.engine_deployment(config)}
+                )
+            },
             model_cards={config.name: to_model_metadata(config.name, llm_config)},
         )
 
@@ -65,7 +69,7 @@ class ServeLLMEngine(Engine):
         check_engine_kwargs(config.engine_kwargs)
 
     def engine_deployment(self, config: ModelConfig) -> str:
-        return f"{_SERVER_CLASS_NAME}:{config.name}"
+        return f"{_SERVER_CLASS_NAME}:{config.name.replace('/', '--')}"
 
     def release(self, config_name: str) -> None:
         from ray.experimental.internal_kv import _internal_kv_del

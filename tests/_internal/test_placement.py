@@ -42,3 +42,65 @@ def test_auto_device_follows_the_cluster() -> None:
 def test_gpu_device_on_a_cluster_without_gpus_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="no GPUs"):
         plan_placement(load_config({"model": "m", "device": "gpu"}), {"CPU": 2}, 2)
+
+
+_GPU_PROBE = r"""
+import json
+import ray
+from ray.util.placement_group import placement_group, placement_group_table
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from rayvllm_nb._internal.placement import plan_placement
+from rayvllm_nb.config import load_config
+from rayvllm_nb.engines import get_engine
+
+ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+config = load_config("llama2-7b-tp2-gpu")
+plan = plan_placement(config, ray.cluster_resources(), 4)
+app = get_engine(config.engine).build_application(config, config.model, plan)
+engine = app._bound_deployment.init_kwargs["llm_deployments"][config.name]._bound_deployment
+bundles = engine._replica_config.placement_group_bundles
+strategy = engine._replica_config.placement_group_strategy
+group = placement_group(bundles, strategy=strategy)
+ray.get(group.ready(), timeout=60)
+
+@ray.remote
+class Probe:
+    def report(self):
+        return {"gpu_ids": ray.get_gpu_ids(), "node": ray.get_runtime_context().get_node_id()}
+
+probes = [
+    Probe.options(num_gpus=1, num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=index)).remote()
+    for index in range(len(bundles))
+]
+table = placement_group_table(group)
+print("RESULT " + json.dumps({
+    "deployment": engine.name, "plan": plan.bundles, "sent": bundles, "strategy": strategy,
+    "table_strategy": table["strategy"], "table_bundles": list(table["bundles"].values()),
+    "reports": ray.get([probe.report.remote() for probe in probes], timeout=60),
+}))
+ray.shutdown()
+"""
+
+
+def test_gpu_tp2_plan_schedules_on_two_logical_gpus_no_real_gpu() -> None:
+    """No GPU exists here: a private local cluster with 2 *logical* GPUs receives the exact
+    placement group the engine would send to Serve for a TP=2 GPU config, and one probe
+    actor per bundle reports the GPU id Ray assigned it."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _GPU_PROBE], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    expected = [{"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0, "CPU": 1.0}]
+    assert report["deployment"] == "VllmServer:meta-llama--Llama-2-7b-chat-hf"
+    assert report["plan"] == expected and report["sent"] == expected
+    assert report["strategy"] == "PACK" and report["table_strategy"] == "PACK"
+    assert report["table_bundles"] == expected
+    gpu_ids = [tuple(r["gpu_ids"]) for r in report["reports"]]
+    assert len(gpu_ids) == 2 and all(len(ids) == 1 for ids in gpu_ids) and len(set(gpu_ids)) == 2
+    assert len({r["node"] for r in report["reports"]}) == 1

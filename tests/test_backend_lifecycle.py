@@ -1,0 +1,87 @@
+"""Start/stop cycles, conflicts with a running model, replace, and fail-fast on a broken model."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import rayvllm_nb
+from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
+from rayvllm_nb._internal.cluster import ClusterInfo
+from rayvllm_nb.errors import ConfigError, DeploymentError
+from rayvllm_nb.tiny_model import tiny_model_path
+from tests.conftest import leftovers
+
+pytestmark = pytest.mark.slow
+
+
+def _engine_processes() -> list[str]:
+    names = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if command.startswith("VLLM::") or "ServeReplica:" in command:
+            names.append(command[:60])
+    return names
+
+
+def _answer(name: str) -> str:
+    reply = rayvllm_nb.client(name).chat.completions.create(
+        model=name, messages=[{"role": "user", "content": DEMO_PROMPT}], temperature=0, max_tokens=64
+    )
+    return reply.choices[0].message.content
+
+
+def test_five_start_stop_cycles_leave_no_groups_actors_or_engines(cluster: ClusterInfo) -> None:
+    for cycle in range(5):
+        status = rayvllm_nb.start("tiny-cpu", wait_ready=True, timeout=600)
+        assert _answer("tiny") == TINY_MODEL_REPLY
+        if cycle == 1:
+            _refuses_conflicts_with_a_running_model()
+        if cycle == 3:
+            status = rayvllm_nb.start("tiny-cpu", ["enable_prefix_caching=false"], replace=True, wait_ready=True)
+            assert [m.name for m in rayvllm_nb.status().models] == ["tiny"]
+            assert _answer("tiny") == TINY_MODEL_REPLY
+        rayvllm_nb.stop("tiny")
+        assert leftovers(status.app_name) == {"replica_actors": [], "placement_groups": []}, f"cycle {cycle}"
+        deadline = time.monotonic() + 30
+        while _engine_processes() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _engine_processes() == [], f"cycle {cycle}"
+
+
+def _refuses_conflicts_with_a_running_model() -> None:
+    with pytest.raises(ConfigError, match="A model named 'tiny' is already running"):
+        rayvllm_nb.start("tiny-cpu")
+    with pytest.raises(ConfigError, match="Route prefix '/' is already used by model 'tiny'"):
+        rayvllm_nb.start("tiny-cpu", ["served_model_name=other"])
+    expected = "Serve already runs on 127.0.0.1:8000 but this config asks for 127.0.0.1:8123"
+    with pytest.raises(ConfigError, match=expected):
+        rayvllm_nb.start("tiny-cpu", ["served_model_name=other", "route_prefix=/other", "port=8123"])
+    assert [m.name for m in rayvllm_nb.status().models] == ["tiny"]
+
+
+def test_corrupt_weights_fail_fast_with_vllms_error_and_leave_nothing(cluster: ClusterInfo, tmp_path: Path) -> None:
+    from ray.util.state import list_actors
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_path(), broken)
+    (broken / "model.safetensors").write_bytes(b"\x00\x10" * 2000)
+    with pytest.raises(DeploymentError) as error:
+        rayvllm_nb.start("tiny-cpu", [f"model={broken}"], wait_ready=True, timeout=600)
+    raised_at = time.time()
+    message = str(error.value)
+    assert "SafetensorError" in message and "failed to start and was removed" in message
+    assert "Traceback" not in message
+    deaths = [
+        actor.end_time_ms / 1000
+        for actor in list_actors(filters=[("state", "=", "DEAD")], detail=True, limit=1000)
+        if actor.class_name.startswith("ServeReplica:broken-model:VllmServer") and actor.end_time_ms
+    ]
+    assert deaths, "the failed replica should be a dead actor"
+    assert raised_at - min(deaths) <= 15.0, f"raised {raised_at - min(deaths):.1f} s after the first failure"
+    assert rayvllm_nb.status().models == []
+    assert leftovers("broken-model") == {"replica_actors": [], "placement_groups": []}

@@ -1,0 +1,55 @@
+"""Bad input is refused before anything deploys, with one actionable ConfigError."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+import rayvllm_nb
+from rayvllm_nb._internal.cluster import ClusterInfo, cluster_resources
+from rayvllm_nb.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def nothing_deployed(cluster: ClusterInfo) -> Iterator[None]:
+    assert rayvllm_nb.status().models == []
+    yield
+    assert rayvllm_nb.status().models == [], "a refused config must leave nothing deployed"
+
+
+def test_port_used_by_another_program_is_refused_before_serve_starts(nothing_deployed: None) -> None:
+    from ray import serve
+
+    serve.shutdown()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"Port {port} on 127.0.0.1 is already used by another program"):
+            rayvllm_nb.start("tiny-cpu", [f"port={port}"])
+    assert not rayvllm_nb.status().serve_running
+
+
+def test_tensor_parallelism_beyond_the_cpus_of_a_node_is_refused(nothing_deployed: None) -> None:
+    _, node_cpus = cluster_resources()
+    with pytest.raises(ConfigError, match=f"tensor_parallel_size={node_cpus + 1} in CPU mode needs"):
+        rayvllm_nb.start("tiny-cpu", [f"tensor_parallel_size={node_cpus + 1}"])
+
+
+def test_gpu_device_without_gpus_is_refused(nothing_deployed: None) -> None:
+    with pytest.raises(ConfigError, match="the cluster has no GPUs"):
+        rayvllm_nb.start("qwen2.5-0.5b-gpu")
+
+
+def test_missing_local_model_folder_is_refused(nothing_deployed: None, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        rayvllm_nb.start("tiny-cpu", [f"model={tmp_path / 'no-such-model'}"])
+
+
+def test_unknown_engine_kwargs_are_refused(nothing_deployed: None) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'max_num_seqs'"):
+        rayvllm_nb.start("tiny-cpu", ["engine_kwargs.max_num_seq=4"])
