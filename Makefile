@@ -23,14 +23,15 @@ ifeq ($(EXTRA),cpu)
 endif
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),test]"
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(BIN)/python -m ipykernel install --user --name rayvllm-nb --display-name "rayvllm-nb (.venv)" >/dev/null
 	touch $@
 
 demo: env
 	$(BIN)/rayvllm demo
 
+# The notebooks run in the kernel this checkout registers (its .venv), one cell at most 15 min.
 test: env
-	$(BIN)/python -m pytest
+	$(BIN)/python -m ipykernel install --user --name rayvllm-nb --display-name "rayvllm-nb (.venv)" >/dev/null
+	$(BIN)/python -m pytest --nbmake --nbmake-kernel=rayvllm-nb --nbmake-timeout=900 tests notebooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

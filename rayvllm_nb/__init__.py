@@ -12,6 +12,8 @@ Async API: ``await rayvllm_nb.ray_backend.start_model(...)``; both share one sta
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import openai
 
 from rayvllm_nb._internal.facade import blocking
@@ -27,6 +29,9 @@ from rayvllm_nb.errors import (
 )
 from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, make_tiny_model
 
+if TYPE_CHECKING:
+    from rayvllm_nb.panel import Panel
+
 ray_backend = RayBackend()
 """The process-wide async orchestrator; the blocking functions below call it."""
 
@@ -38,6 +43,27 @@ stop = blocking(ray_backend.stop_model)
 logs = blocking(ray_backend.get_logs)
 shutdown = blocking(ray_backend.shutdown)
 model_status = blocking(ray_backend.model_status)
+
+
+def panel() -> Panel:
+    """The launch-and-chat widget panel (returns at once; connects when you press Launch)."""
+    from rayvllm_nb.panel import Panel
+
+    return Panel(ray_backend)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext rayvllm_nb``: register ``%rayvllm`` and ``%%chat``."""
+    from rayvllm_nb.magics import load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext rayvllm_nb``: remove the magics."""
+    from rayvllm_nb.magics import unload
+
+    unload(ipython)
 
 
 def client(name: str | None = None, **kwargs: object) -> openai.OpenAI:
@@ -72,6 +98,7 @@ __all__ = [
     "logs",
     "make_tiny_model",
     "model_status",
+    "panel",
     "ray_backend",
     "shutdown",
     "start",

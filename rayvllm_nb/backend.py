@@ -9,6 +9,7 @@ runs in a worker thread: awaiting these methods never blocks the caller's loop.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import re
 import socket
@@ -95,6 +96,32 @@ class Status:
             if model.message and not model.ready:
                 lines.append(f"         {model.message.splitlines()[0]}")
         return "\n".join(lines)
+
+
+    def _repr_html_(self) -> str:
+        cluster = self.cluster
+        resources = ", ".join(f"{k} {v:g}" for k, v in sorted(cluster.resources.items()) if k in ("CPU", "GPU"))
+        head = (
+            f"<p><b>Ray</b> {html.escape(cluster.address)} ({html.escape(cluster.mode)}, {cluster.nodes} node(s), "
+            f"{html.escape(resources)}) · <b>Serve</b> "
+            f"{html.escape('http://' + self.http_address) if self.http_address else 'not running'}</p>"
+        )
+        if not self.models:
+            return head + "<p>No model deployed.</p>"
+        columns = ["model", "status", "device", "TP", "replicas", "endpoint"]
+        rows = []
+        for model in self.models:
+            replicas = ", ".join(f"{state} {count}" for state, count in sorted(model.replica_states.items())) or "-"
+            color = "#080" if model.ready else "#b60"
+            cells = [
+                model.name, f"<span style='color:{color}'>{html.escape(model.status)}</span>", model.device,
+                str(model.tensor_parallel_size), replicas, model.base_url,
+            ]
+            rows.append("<tr>" + "".join(
+                f"<td>{cell if i == 1 else html.escape(cell)}</td>" for i, cell in enumerate(cells)
+            ) + "</tr>")
+        header = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
+        return head + f"<table>{header}{''.join(rows)}</table>"
 
 
 class RayBackend:

@@ -89,6 +89,15 @@ class ModelConfig(BaseModel):
     )
     env_vars: dict[str, str] = Field(default_factory=dict, description="Environment variables set on the replicas.")
 
+    @field_validator("env_vars", mode="before")
+    @classmethod
+    def _env_values_are_text(cls, value: Any) -> Any:
+        """YAML reads `LEVEL: 1` as a number; environment values are text."""
+        if isinstance(value, Mapping):
+            return {k: str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, int | float) else v
+                    for k, v in value.items()}
+        return value
+
     @field_validator("route_prefix")
     @classmethod
     def _route_prefix_is_a_path(cls, value: str) -> str:

@@ -1,8 +1,11 @@
 """Code that runs inside the Serve replicas of the ``serve-llm`` engine.
 
-- ``VllmServer``: Serve LLM's ``LLMServer`` that first fetches the model's secrets from
-  the cluster's KV store, so tokens never travel in a runtime env (which Serve's app
-  config, ``serve status`` and ``ray list actors --detail`` would show).
+- ``VllmServer`` and ``SecretsCallback``: the model's secrets (the HF token) live in the
+  cluster's KV store. The server puts them in its own environment before vLLM starts;
+  the callback keeps them out of the runtime env of Serve LLM's download tasks and loads
+  them inside those tasks instead. Tokens thus never travel in a runtime env, which
+  Serve's app config, ``serve status``, ``ray list actors --detail`` and the runtime-env
+  agent's log would all show.
 - ``OpenAIIngress``: Serve LLM's OpenAI ingress plus ``GET /health`` and error bodies in
   OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with the right status.
 """
@@ -16,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress
 from ray.llm._internal.serve.core.ingress.ingress import init as _serve_llm_fastapi
@@ -25,6 +29,7 @@ from starlette.responses import JSONResponse
 
 SECRET_REF_ENV = "RAYVLLM_NB_SECRET_REF"
 SECRET_NAMESPACE = "rayvllm_nb_secrets"
+SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 _HEALTH_TIMEOUT_S = 5.0
 _ERROR_TYPES = {
     400: "BadRequestError",
@@ -37,14 +42,27 @@ _ERROR_TYPES = {
 
 
 class VllmServer(LLMServer):
-    """``LLMServer`` that sets the model's secret environment before vLLM starts."""
+    """``LLMServer`` that loads the model's secrets into its environment before vLLM starts."""
 
     async def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _load_secret_env()
+        load_secret_env()
         await super().__init__(*args, **kwargs)
 
 
-def _load_secret_env() -> None:
+class SecretsCallback(CallbackBase):
+    """Serve LLM callback: download tasks fetch the secrets themselves, not via their runtime env."""
+
+    async def on_before_node_init(self) -> None:
+        env_vars = (self.ctx.runtime_env or {}).get("env_vars") or {}
+        for name in SECRET_ENV_NAMES:
+            env_vars.pop(name, None)
+
+    def on_before_download_model_files_distributed(self) -> None:
+        load_secret_env()
+
+
+def load_secret_env() -> None:
+    """Put the model's secrets (named by ``RAYVLLM_NB_SECRET_REF``) into ``os.environ``."""
     import json
 
     from ray.experimental.internal_kv import _internal_kv_get

@@ -21,7 +21,7 @@ from rayvllm_nb.errors import ConfigError
 if TYPE_CHECKING:
     from ray.serve.deployment import Application
 
-_SERVER_CLASS_NAME = "VllmServer"
+_ENGINE_DEPLOYMENT_PREFIX = "VllmServer"
 
 
 class ServeLLMEngine(Engine):
@@ -46,11 +46,12 @@ class ServeLLMEngine(Engine):
             model_loading_config={"model_id": config.name, "model_source": model_source},
             engine_kwargs=engine_arguments(config),
             placement_group_config={"bundles": plan.bundles, "strategy": plan.strategy},
-            runtime_env={"env_vars": {**plan.env_vars, **config.env_vars, **self._store_secrets(config)}},
+            runtime_env=self._runtime_env(config, plan),
             # The replica actor asks for nothing itself, so the placement group is
             # exactly the plan (Serve LLM would otherwise add a CPU to the first bundle).
             deployment_config={"num_replicas": config.num_replicas, "ray_actor_options": {"num_cpus": 0}},
             server_cls=_replica.VllmServer,
+            callback_config={"callback_class": _replica.SecretsCallback},
         )
         ingress = make_fastapi_ingress(
             _replica.OpenAIIngress, endpoint_map=_replica.ENDPOINTS, app=_replica.make_fastapi_app()
@@ -69,7 +70,7 @@ class ServeLLMEngine(Engine):
         check_engine_kwargs(config.engine_kwargs)
 
     def engine_deployment(self, config: ModelConfig) -> str:
-        return f"{_SERVER_CLASS_NAME}:{config.name.replace('/', '--')}"
+        return f"{_ENGINE_DEPLOYMENT_PREFIX}:{config.name.replace('/', '--')}"
 
     def release(self, config_name: str) -> None:
         from ray.experimental.internal_kv import _internal_kv_del
@@ -79,18 +80,19 @@ class ServeLLMEngine(Engine):
         _internal_kv_del(_secret_ref(config_name), namespace=SECRET_NAMESPACE)
 
     @staticmethod
-    def _store_secrets(config: ModelConfig) -> dict[str, str]:
-        """Put the model's secrets in the cluster KV store; return the env var that points at them."""
+    def _runtime_env(config: ModelConfig, plan: PlacementPlan) -> dict[str, Any]:
+        """The replicas' environment; secrets go to the cluster KV store, only their key goes here."""
+        env_vars = {**plan.env_vars, **config.env_vars}
         if config.hf_token is None:
-            return {}
+            return {"env_vars": env_vars}
         from ray.experimental.internal_kv import _internal_kv_put
 
-        from rayvllm_nb.engines._replica import SECRET_NAMESPACE, SECRET_REF_ENV
+        from rayvllm_nb.engines import _replica
 
         token = config.hf_token.get_secret_value()
-        secrets = json.dumps({"HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token})
-        _internal_kv_put(_secret_ref(config.name), secrets, overwrite=True, namespace=SECRET_NAMESPACE)
-        return {SECRET_REF_ENV: _secret_ref(config.name)}
+        secrets = json.dumps(dict.fromkeys(_replica.SECRET_ENV_NAMES, token))
+        _internal_kv_put(_secret_ref(config.name), secrets, overwrite=True, namespace=_replica.SECRET_NAMESPACE)
+        return {"env_vars": {**env_vars, _replica.SECRET_REF_ENV: _secret_ref(config.name)}}
 
 
 def _secret_ref(name: str) -> str:
