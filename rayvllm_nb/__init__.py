@@ -30,7 +30,7 @@ from rayvllm_nb.errors import (
 from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, make_tiny_model
 
 if TYPE_CHECKING:
-    from rayvllm_nb.panel import Panel
+    from rayvllm_nb.widget import Panel
 
 ray_backend = RayBackend()
 """The process-wide async orchestrator; the blocking functions below call it."""
@@ -47,7 +47,7 @@ model_status = blocking(ray_backend.model_status)
 
 def panel() -> Panel:
     """The launch-and-chat widget panel (returns at once; connects when you press Launch)."""
-    from rayvllm_nb.panel import Panel
+    from rayvllm_nb.widget import Panel
 
     return Panel(ray_backend)
 

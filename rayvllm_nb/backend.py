@@ -139,14 +139,21 @@ class RayBackend:
         return self._cluster
 
     async def initialize_ray(
-        self, address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: int | None = None,
+        num_gpus: int | None = None,
+        start_local: bool = True,
     ) -> ClusterInfo:
         """Connect to Ray once: this process's connection, ``address``/``RAY_ADDRESS``,
         a running local cluster, or a new detached local cluster (``num_cpus``/``num_gpus``
-        only apply to the latter)."""
-        return await asyncio.to_thread(self._connect, address, num_cpus, num_gpus)
+        only apply to the latter; ``start_local=False`` raises ClusterError instead)."""
+        return await asyncio.to_thread(self._connect, address, num_cpus, num_gpus, start_local)
 
-    def _connect(self, address: str | None, num_cpus: int | None, num_gpus: int | None) -> ClusterInfo:
+    def _connect(
+        self, address: str | None, num_cpus: int | None, num_gpus: int | None, start_local: bool
+    ) -> ClusterInfo:
         import ray
 
         with self._connect_lock:
@@ -155,7 +162,7 @@ class RayBackend:
             if ray.is_initialized():
                 self._cluster = _cluster._describe("existing-local", ray.get_runtime_context().gcs_address)
             else:
-                self._cluster = _cluster.connect(address, num_cpus, num_gpus)
+                self._cluster = _cluster.connect(address, num_cpus, num_gpus, start_local)
             return self._cluster
 
     async def start_model(
@@ -202,7 +209,7 @@ class RayBackend:
         if holder is not None:
             raise ConfigError(
                 f"Route prefix {config.route_prefix!r} is already used by model {holder.name!r}. Give this model "
-                "its own, e.g. route_prefix=/" + re.sub(r"[^A-Za-z0-9_.-]", "-", config.name) + ", or stop that one."
+                f"its own, e.g. route_prefix=/{_app_name(config.name)}, or stop that one."
             )
         self._ensure_serve(config)
         if config.name in running:
@@ -385,7 +392,7 @@ class _DeploymentRecord:
         prefix = "" if config.route_prefix == "/" else config.route_prefix
         return cls(
             name=config.name,
-            app_name=re.sub(r"[^A-Za-z0-9_.-]", "-", config.name),
+            app_name=_app_name(config.name),
             engine_deployment=engine_deployment,
             base_url=f"http://{host}:{http['port']}{prefix}/v1",
             device=plan.device,
@@ -393,6 +400,11 @@ class _DeploymentRecord:
             config=config.public_dict(),
             started_at=time.time(),
         )
+
+
+def _app_name(name: str) -> str:
+    """A Serve application name (and URL segment) for the served model ``name``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
 
 
 def _resolve_model_source(model: str) -> str:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 import rayvllm_nb
-from rayvllm_nb._internal.chat import stream_chat
+from rayvllm_nb._internal.chat import stream_chat_blocking
 from rayvllm_nb.backend import Progress
 from rayvllm_nb.errors import ConfigError, RayVllmError
 
@@ -70,12 +70,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _connect(args: argparse.Namespace) -> None:
-    rayvllm_nb.init(args.address)
+    """Connect to a running cluster; only `serve` and `demo` start one."""
+    rayvllm_nb.init(args.address, start_local=False)
 
 
 def _serve(args: argparse.Namespace) -> int:
     config = rayvllm_nb.load_config(args.config, args.overrides)
-    _connect(args)
+    rayvllm_nb.init(args.address)
     status = rayvllm_nb.start(
         config, replace=args.replace, wait_ready=not args.no_wait, timeout=args.timeout, on_progress=_print_progress
     )
@@ -98,7 +99,7 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    cluster = rayvllm_nb.init(args.address)
+    cluster = rayvllm_nb.init(args.address, start_local=False)
     if args.cluster and not cluster.is_local:
         raise ConfigError(f"--cluster only stops a Ray cluster on this machine; {cluster.address} is remote.")
     everything = args.all or (args.cluster and not args.name)
@@ -120,8 +121,8 @@ def _chat(args: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.text}
     ]
-    result = stream_chat(
-        rayvllm_nb.client(model.name), model.name, messages,
+    result = stream_chat_blocking(
+        model.base_url, model.name, messages,
         on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
         max_tokens=args.max_tokens, temperature=args.temperature,
     )

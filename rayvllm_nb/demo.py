@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 import rayvllm_nb
-from rayvllm_nb._internal.chat import stream_chat
+from rayvllm_nb._internal.chat import stream_chat_blocking
 from rayvllm_nb.backend import Progress
 from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, tiny_model_path
 
@@ -37,8 +37,8 @@ def run_demo(config: str = "tiny-cpu", out: Callable[[str], None] = print) -> bo
         timed("deploy to ready", step)
 
         out(f"4/5 chat: {DEMO_PROMPT!r}")
-        result = stream_chat(
-            rayvllm_nb.client(status.name), status.name, [{"role": "user", "content": DEMO_PROMPT}],
+        result = stream_chat_blocking(
+            status.base_url, status.name, [{"role": "user", "content": DEMO_PROMPT}],
             on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
         )
         out("")

@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import openai
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import Markdown, display
 
 import rayvllm_nb
-from rayvllm_nb._internal.chat import stream_chat
+from rayvllm_nb._internal.chat import stream_chat_blocking
 from rayvllm_nb._internal.facade import BRIDGE
 from rayvllm_nb.backend import Progress
 from rayvllm_nb.config import available_configs
@@ -65,7 +66,7 @@ def _rayvllm_parser() -> _Parser:
 def _chat_parser() -> _Parser:
     parser = _Parser(prog="%%chat", description="Send the cell to the model; stream the answer.", add_help=False)
     parser.add_argument("--model", help="served model name (default: the only one)")
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--system", help="system prompt")
     return parser
@@ -120,11 +121,11 @@ class RayVllmMagics(Magics):
                 shown = time.monotonic()
 
         try:
-            result = stream_chat(
-                rayvllm_nb.client(model.name), model.name, messages, on_text,
+            result = stream_chat_blocking(
+                model.base_url, model.name, messages, on_text,
                 max_tokens=args.max_tokens, temperature=args.temperature,
             )
-        except Exception as error:  # the OpenAI client's errors: show them as one line
+        except openai.APIError as error:  # the engine's answer to a bad request: one line
             raise UsageError(f"%%chat: {type(error).__name__}: {error}") from None
         answer.update(Markdown(result.text))
         display(Markdown(f"*{model.name}: {result.summary()}*"))

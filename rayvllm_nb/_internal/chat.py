@@ -1,12 +1,19 @@
-"""Streaming chat through the OpenAI client, with the timings users ask about (TTFT, tok/s)."""
+"""Streaming chat through the OpenAI client, with the timings users ask about (TTFT, tok/s).
+
+One async implementation; ``stream_chat_blocking`` runs it on the facade's loop and hands
+each piece of text to the calling thread, so a notebook cell's output stays in that cell.
+"""
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import openai
+
+from rayvllm_nb._internal.facade import BRIDGE
 
 
 @dataclass(frozen=True)
@@ -29,8 +36,8 @@ class ChatResult:
         return f"{self.completion_tokens} tokens, TTFT {self.ttft_s * 1000:.0f} ms, {self.tokens_per_s:.1f} tok/s"
 
 
-def stream_chat(
-    client: openai.OpenAI,
+async def stream_chat(
+    client: openai.AsyncOpenAI,
     model: str,
     messages: list[dict[str, str]],
     on_text: Callable[[str], None],
@@ -43,11 +50,11 @@ def stream_chat(
     first: float | None = None
     pieces: list[str] = []
     tokens = 0
-    stream = client.chat.completions.create(
+    stream = await client.chat.completions.create(
         model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
         stream=True, stream_options={"include_usage": True},
     )
-    for chunk in stream:
+    async for chunk in stream:
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
         for choice in chunk.choices:
@@ -62,3 +69,34 @@ def stream_chat(
         ttft_s=(first if first is not None else ended) - started,
         total_s=ended - started,
     )
+
+
+def stream_chat_blocking(
+    base_url: str,
+    model: str,
+    messages: list[dict[str, str]],
+    on_text: Callable[[str], None],
+    *,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+) -> ChatResult:
+    """:func:`stream_chat` on the facade's loop; ``on_text`` runs in the calling thread."""
+    pieces: queue.Queue[str] = queue.Queue()
+
+    async def run() -> ChatResult:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="not-needed") as client:
+            return await stream_chat(
+                client, model, messages, pieces.put, max_tokens=max_tokens, temperature=temperature
+            )
+
+    future = BRIDGE.submit(run())
+    try:
+        while not (future.done() and pieces.empty()):
+            try:
+                on_text(pieces.get(timeout=0.05))
+            except queue.Empty:
+                continue
+        return future.result()
+    except KeyboardInterrupt:
+        future.cancel()
+        raise

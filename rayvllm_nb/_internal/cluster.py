@@ -38,8 +38,9 @@ class ClusterInfo:
         return self.mode != "remote"
 
 
-def connect(address: str | None, num_cpus: int | None, num_gpus: int | None) -> ClusterInfo:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else a running local cluster, else start one."""
+def connect(address: str | None, num_cpus: int | None, num_gpus: int | None, start_local: bool = True) -> ClusterInfo:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else a running local cluster, else start one
+    (unless ``start_local`` is False)."""
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
@@ -51,6 +52,11 @@ def connect(address: str | None, num_cpus: int | None, num_gpus: int | None) -> 
     if running:
         _init("auto")
         return _describe("existing-local", running)
+    if not start_local:
+        raise ClusterError(
+            "No Ray cluster is running on this machine and no address was given. Start one with "
+            "`rayvllm serve CONFIG` or `ray start --head`, or pass --address / set RAY_ADDRESS."
+        )
     started = start_local_cluster(num_cpus=num_cpus, num_gpus=num_gpus)
     _init("auto")
     return _describe("started-local", started)
@@ -89,12 +95,30 @@ def start_local_cluster(num_cpus: int | None, num_gpus: int | None) -> str:
 
 
 def stop_local_cluster() -> None:
-    """``ray stop`` for the local cluster this process started."""
+    """``ray stop`` for the local cluster, then end what Ray does not know it started.
+
+    vLLM's engine-core and worker processes are children of Serve replicas but not Ray
+    workers: ``ray stop`` would leave them running, orphaned.
+    """
+    import psutil
+
+    descendants = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] == "raylet" or any(p.endswith("/raylet") for p in process.info["cmdline"] or []):
+            try:
+                descendants += process.children(recursive=True)
+            except psutil.Error:
+                continue
     with open(_log_dir() / "ray-stop.log", "ab") as log:
         subprocess.run(
             [*_RAY_CLI, "stop", "--force"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, timeout=120, check=False,
         )
+    for process in descendants:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
 
 
 def cluster_resources() -> tuple[dict[str, float], int]:

@@ -27,9 +27,8 @@ from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-SECRET_REF_ENV = "RAYVLLM_NB_SECRET_REF"
-SECRET_NAMESPACE = "rayvllm_nb_secrets"
-SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+from rayvllm_nb.engines.serve_llm import SECRET_ENV_NAMES, SECRET_NAMESPACE, SECRET_REF_ENV
+
 _HEALTH_TIMEOUT_S = 5.0
 _ERROR_TYPES = {
     400: "BadRequestError",

@@ -7,6 +7,7 @@ import difflib
 import functools
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from ray.serve.deployment import Application
 
 _ENGINE_DEPLOYMENT_PREFIX = "VllmServer"
+SECRET_REF_ENV = "RAYVLLM_NB_SECRET_REF"
+"""Names the cluster-KV entry holding a model's secrets; the only trace of them in a runtime env."""
+SECRET_NAMESPACE = "rayvllm_nb_secrets"
+SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class ServeLLMEngine(Engine):
@@ -34,7 +39,7 @@ class ServeLLMEngine(Engine):
     name = "serve-llm"
 
     def build_application(self, config: ModelConfig, model_source: str, plan: PlacementPlan) -> Application:
-        with _root_logger_preserved():
+        with _quiet_driver_imports():
             from ray import serve
             from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
             from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
@@ -75,8 +80,6 @@ class ServeLLMEngine(Engine):
     def release(self, config_name: str) -> None:
         from ray.experimental.internal_kv import _internal_kv_del
 
-        from rayvllm_nb.engines._replica import SECRET_NAMESPACE
-
         _internal_kv_del(_secret_ref(config_name), namespace=SECRET_NAMESPACE)
 
     @staticmethod
@@ -87,12 +90,10 @@ class ServeLLMEngine(Engine):
             return {"env_vars": env_vars}
         from ray.experimental.internal_kv import _internal_kv_put
 
-        from rayvllm_nb.engines import _replica
-
         token = config.hf_token.get_secret_value()
-        secrets = json.dumps(dict.fromkeys(_replica.SECRET_ENV_NAMES, token))
-        _internal_kv_put(_secret_ref(config.name), secrets, overwrite=True, namespace=_replica.SECRET_NAMESPACE)
-        return {"env_vars": {**env_vars, _replica.SECRET_REF_ENV: _secret_ref(config.name)}}
+        secrets = json.dumps(dict.fromkeys(SECRET_ENV_NAMES, token))
+        _internal_kv_put(_secret_ref(config.name), secrets, overwrite=True, namespace=SECRET_NAMESPACE)
+        return {"env_vars": {**env_vars, SECRET_REF_ENV: _secret_ref(config.name)}}
 
 
 def _secret_ref(name: str) -> str:
@@ -134,7 +135,8 @@ _NAMED_KEYS = (
 @functools.cache
 def _engine_arg_types() -> dict[str, TypeAdapter[Any] | None]:
     """vLLM's engine argument names, each with a validator for its type (None if unknown)."""
-    import vllm.engine.arg_utils as arg_utils
+    with _quiet_driver_imports():
+        import vllm.engine.arg_utils as arg_utils
 
     types: dict[str, TypeAdapter[Any] | None] = {}
     for field in dataclasses.fields(arg_utils.AsyncEngineArgs):
@@ -154,11 +156,23 @@ def engine_arguments(config: ModelConfig) -> dict[str, Any]:
 
 
 @contextmanager
-def _root_logger_preserved() -> Iterator[None]:
-    """Importing ``ray.serve.llm`` replaces the root logger's handlers and level; undo that."""
+def _quiet_driver_imports() -> Iterator[None]:
+    """Import vLLM and Serve LLM in the caller's process without side effects on it.
+
+    Importing ``ray.serve.llm`` replaces the root logger's handlers and level (undone
+    here), and vLLM prints import-time warnings to stdout unless its log level, read once
+    at import, is raised (a user's own VLLM_LOGGING_LEVEL wins).
+    """
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    explicit_level = os.environ.get(_VLLM_LOG_LEVEL)
+    os.environ[_VLLM_LOG_LEVEL] = explicit_level or "ERROR"
     try:
         yield
     finally:
         root.handlers, root.level = handlers, level
+        if explicit_level is None:
+            os.environ.pop(_VLLM_LOG_LEVEL, None)
+
+
+_VLLM_LOG_LEVEL = "VLLM_LOGGING_LEVEL"

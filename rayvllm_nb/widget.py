@@ -16,6 +16,7 @@ from typing import Any
 import ipywidgets as widgets
 import openai
 
+from rayvllm_nb._internal.chat import stream_chat
 from rayvllm_nb._internal.facade import BRIDGE
 from rayvllm_nb.backend import ModelStatus, Progress, RayBackend
 from rayvllm_nb.config import available_configs, load_config
@@ -36,7 +37,9 @@ class Panel(widgets.VBox):
         self._clients: dict[str, openai.AsyncOpenAI] = {}
 
         configs = available_configs()
-        self.config = widgets.Dropdown(options=list(configs), description="Config")
+        self.config = widgets.Dropdown(
+            options=list(configs), value="tiny-cpu" if "tiny-cpu" in configs else None, description="Config"
+        )
         self.preview = widgets.Textarea(disabled=True, layout=widgets.Layout(width="100%", height="120px"))
         self.model_override = widgets.Text(description="Model", placeholder="override: HF id or local path")
         self.tensor_parallel = widgets.BoundedIntText(value=1, min=1, max=8, description="TP")
@@ -54,7 +57,7 @@ class Panel(widgets.VBox):
         self.history = widgets.HTML("", layout=widgets.Layout(width="100%"))
         self.system_prompt = widgets.Text(description="System", placeholder="optional system prompt")
         self.temperature = widgets.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.1, description="Temperature")
-        self.max_tokens = widgets.BoundedIntText(value=256, min=1, max=32_768, description="Max tokens")
+        self.max_tokens = widgets.BoundedIntText(value=128, min=1, max=32_768, description="Max tokens")
         self.message = widgets.Textarea(placeholder="Your message", layout=widgets.Layout(width="100%"))
         self.send = widgets.Button(description="Send", button_style="primary", icon="paper-plane", disabled=True)
         self.stop_generating = widgets.Button(description="Stop generating", disabled=True)
@@ -241,22 +244,19 @@ class Panel(widgets.VBox):
         messages = ([{"role": "system", "content": system}] if system else []) + self._messages
         reply = {"role": "assistant", "content": ""}
         self._messages.append(reply)
-        started, first, tokens, shown = time.perf_counter(), None, 0, 0.0
+        shown = 0.0
+
+        def on_text(piece: str) -> None:
+            nonlocal shown
+            reply["content"] += piece
+            if time.perf_counter() - shown > _DISPLAY_INTERVAL_S:
+                self._render_history()
+                shown = time.perf_counter()
+
         try:
-            stream = await client.chat.completions.create(
-                model=name, messages=messages, max_tokens=self.max_tokens.value,
-                temperature=self.temperature.value, stream=True, stream_options={"include_usage": True},
+            result = await stream_chat(
+                client, name, messages, on_text, max_tokens=self.max_tokens.value, temperature=self.temperature.value
             )
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    tokens = chunk.usage.completion_tokens
-                for choice in chunk.choices:
-                    if choice.delta.content:
-                        first = first or time.perf_counter()
-                        reply["content"] += choice.delta.content
-                        if time.perf_counter() - shown > _DISPLAY_INTERVAL_S:
-                            self._render_history()
-                            shown = time.perf_counter()
         except asyncio.CancelledError:
             reply["content"] += " [stopped]"
             self._render_history()
@@ -265,11 +265,8 @@ class Panel(widgets.VBox):
             self._messages.remove(reply)
             self._render_history()
             raise RuntimeError(f"the model answered with an error: {error}") from None
-        ended = time.perf_counter()
         self._render_history()
-        ttft = (first or ended) - started
-        speed = (tokens - 1) / (ended - first) if first and tokens > 1 and ended > first else 0.0
-        self.chat_stats.value = f"{tokens} tokens, TTFT {ttft * 1000:.0f} ms, {speed:.1f} tok/s"
+        self.chat_stats.value = result.summary()
 
     def _render_history(self) -> None:
         rows = [
