@@ -34,7 +34,7 @@ from rayvllm_nb.tiny_model import TINY_MODEL_REF, tiny_model_path
 _KV_NAMESPACE = "rayvllm_nb"
 _KV_PREFIX = "model:"
 _POLL_SECONDS = 0.5
-_LOG_POLL_SECONDS = 2.0
+_LOG_POLL_SECONDS = 1.0
 _STARTING = "starting the engine"
 
 
@@ -80,9 +80,7 @@ class Status:
 
     def __str__(self) -> str:
         lines = [
-            f"cluster  {self.cluster.address} ({self.cluster.mode}, {self.cluster.nodes} node(s), "
-            + ", ".join(f"{k}={v:g}" for k, v in sorted(self.cluster.resources.items()) if k in ("CPU", "GPU"))
-            + ")",
+            f"cluster  {self.cluster.summary()}",
             f"serve    {'http://' + self.http_address if self.http_address else 'not running'}",
         ]
         if not self.models:
@@ -99,11 +97,8 @@ class Status:
 
 
     def _repr_html_(self) -> str:
-        cluster = self.cluster
-        resources = ", ".join(f"{k} {v:g}" for k, v in sorted(cluster.resources.items()) if k in ("CPU", "GPU"))
         head = (
-            f"<p><b>Ray</b> {html.escape(cluster.address)} ({html.escape(cluster.mode)}, {cluster.nodes} node(s), "
-            f"{html.escape(resources)}) · <b>Serve</b> "
+            f"<p><b>Ray</b> {html.escape(self.cluster.summary())} · <b>Serve</b> "
             f"{html.escape('http://' + self.http_address) if self.http_address else 'not running'}</p>"
         )
         if not self.models:
@@ -258,18 +253,23 @@ class RayBackend:
         async with httpx.AsyncClient(timeout=5.0) as http:
             while True:
                 status = await self.model_status(record.name)
+                stage = _stage(status)
+                failure = None
                 if status.status in ("DEPLOY_FAILED", "UNHEALTHY") or "failed to start" in status.message:
-                    reason = await asyncio.to_thread(_failure_reason, status.message)
+                    failure = await asyncio.to_thread(_failure_reason, status.message)
+                elif stage == _STARTING and time.monotonic() - logs_checked > _LOG_POLL_SECONDS:
+                    # vLLM's own fatal lines come seconds before Serve notices the replica failed.
+                    logs_checked = time.monotonic()
+                    lines = await asyncio.to_thread(_replica_logs, status.replica_actor_ids, 400)
+                    log_stage = _logs.loading_stage(lines) or log_stage
+                    if _logs.engine_failed(lines):
+                        failure = _logs.root_cause(lines) or "the vLLM engine failed to start (see its logs)"
+                if failure is not None:
                     await asyncio.to_thread(self._delete, record)
                     raise DeploymentError(
                         f"Model {record.name!r} failed to start and was removed (nothing of it is left running). "
-                        f"vLLM/Serve reported: {reason}. Fix the config or the model files and start again."
+                        f"vLLM/Serve reported: {failure}. Fix the config or the model files and start again."
                     )
-                stage = _stage(status)
-                if stage == _STARTING and time.monotonic() - logs_checked > _LOG_POLL_SECONDS:
-                    logs_checked = time.monotonic()
-                    lines = await asyncio.to_thread(_replica_logs, status.replica_actor_ids, 200)
-                    log_stage = _logs.loading_stage(lines) or log_stage
                 if stage == _STARTING and log_stage:
                     stage = f"{_STARTING}: {log_stage}"
                 if stage != last_stage and on_progress is not None:

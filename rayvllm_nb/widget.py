@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import html
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -113,8 +114,11 @@ class Panel(widgets.VBox):
             return None
 
     def _show_preview(self, _: Any = None) -> None:
+        """Show the selected YAML and start the TP selector at its tensor_parallel_size."""
         path = available_configs().get(self.config.value or "")
         self.preview.value = path.read_text() if path else ""
+        if path:
+            self.tensor_parallel.value = min(load_config(path).tensor_parallel_size, self.tensor_parallel.max)
 
     def _start_launch(self) -> None:
         self.error.value = ""
@@ -129,11 +133,18 @@ class Panel(widgets.VBox):
             await self._backend.initialize_ray()
             self._show_cluster()
             await self._bound_tensor_parallel()
-            refresher = asyncio.ensure_future(self._refresh_while_loading(config.name, started))
+            stage = "deploying"
+
+            def show_progress() -> None:
+                self.progress.value = f"{html.escape(config.name)}: {html.escape(stage)} " \
+                    f"({time.monotonic() - started:.0f} s)"
 
             def on_progress(progress: Progress) -> None:
-                self.progress.value = f"{html.escape(progress.name)}: {html.escape(progress.stage)} " \
-                    f"({progress.elapsed_s:.0f} s)"
+                nonlocal stage
+                stage = progress.stage
+                show_progress()
+
+            refresher = asyncio.ensure_future(self._refresh_while_loading(config.name, show_progress))
 
             try:
                 status = await self._backend.start_model(config, wait_ready=True, on_progress=on_progress)
@@ -170,9 +181,11 @@ class Panel(widgets.VBox):
         uses_gpu = device == "gpu" or (device == "auto" and gpus > 0)
         self.tensor_parallel.max = max(gpus if uses_gpu else node_cpus, 1)
 
-    async def _refresh_while_loading(self, name: str, started: float) -> None:
+    async def _refresh_while_loading(self, name: str, tick: Callable[[], None]) -> None:
+        """While loading: the elapsed time, replica states and log tail, every few seconds."""
         while True:
             await asyncio.sleep(_REFRESH_S)
+            tick()
             try:
                 await self._refresh(name)
             except Exception:  # noqa: BLE001 - the model may not be registered yet
@@ -195,11 +208,8 @@ class Panel(widgets.VBox):
         self._set_buttons()
 
     def _show_cluster(self) -> None:
-        cluster = self._backend.cluster
-        if cluster is not None:
-            resources = ", ".join(f"{k} {v:g}" for k, v in sorted(cluster.resources.items()) if k in ("CPU", "GPU"))
-            self.cluster.value = f"Ray {html.escape(cluster.address)} ({cluster.mode}, {cluster.nodes} node(s), " \
-                f"{html.escape(resources)})"
+        if self._backend.cluster is not None:
+            self.cluster.value = f"Ray {html.escape(self._backend.cluster.summary())}"
 
     def _start_stop(self) -> None:
         self.error.value = ""

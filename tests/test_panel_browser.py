@@ -79,6 +79,7 @@ def jupyterlab(tmp_path: Path) -> Iterator[str]:
 
 
 def test_panel_widgets_render_in_jupyterlab(jupyterlab: str) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -92,11 +93,19 @@ def test_panel_widgets_render_in_jupyterlab(jupyterlab: str) -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
             page.goto(jupyterlab)
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell .cm-content", timeout=120_000)
-            page.get_by_text("Kernel status: Idle").first.wait_for(state="attached", timeout=120_000)
-            page.click(".jp-NotebookPanel .jp-Cell .cm-content")
-            page.keyboard.press("Shift+Enter")
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
             try:
-                launch = page.wait_for_selector(".widget-button:has-text('Launch')", timeout=120_000)
+                # A run sent before the kernel connection is up is dropped, not queued: retry.
+                for _ in range(6):
+                    page.click(".jp-NotebookPanel .jp-Cell .cm-content")
+                    page.keyboard.press("Control+Enter")
+                    try:
+                        launch = page.wait_for_selector(".widget-button:has-text('Launch')", timeout=20_000)
+                        break
+                    except PlaywrightTimeout:
+                        continue
+                else:
+                    pytest.fail("the panel's Launch button never rendered")
                 dropdown = page.wait_for_selector(".widget-dropdown select", timeout=30_000)
                 page.wait_for_timeout(1000)
             finally:

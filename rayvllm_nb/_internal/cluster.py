@@ -32,6 +32,11 @@ class ClusterInfo:
     resources: dict[str, float]
     dashboard_url: str | None
 
+    def summary(self) -> str:
+        """One line: address, mode, nodes, CPUs and GPUs."""
+        devices = ", ".join(f"{k} {v:g}" for k, v in sorted(self.resources.items()) if k in ("CPU", "GPU"))
+        return f"{self.address} ({self.mode}, {self.nodes} node(s), {devices})"
+
     @property
     def is_local(self) -> bool:
         """True when the cluster's head runs on this machine."""

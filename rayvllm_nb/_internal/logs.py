@@ -23,6 +23,9 @@ _WRAPPER_ERRORS = (
     "A replica failed to start",
 )
 
+# vLLM lines after which its engine will not start: Serve only retries the same failure.
+_FATAL_MARKERS = ("WorkerProc failed to start", "Engine core initialization failed")
+
 # vLLM log lines that mark a loading stage, in the order they appear.
 LOADING_MARKERS: tuple[tuple[str, str], ...] = (
     ("Resolved architecture", "reading the model config"),
@@ -77,6 +80,11 @@ def loading_stage(lines: Iterable[str]) -> str | None:
             if marker in line:
                 reached = stage
     return reached
+
+
+def engine_failed(lines: Iterable[str]) -> bool:
+    """Whether vLLM logged that its engine could not start (it will not recover by itself)."""
+    return any(marker in line for line in lines for marker in _FATAL_MARKERS)
 
 
 def root_cause(lines: Iterable[str]) -> str | None:

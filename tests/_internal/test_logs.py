@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from rayvllm_nb._internal.logs import loading_stage, merge_by_time, root_cause
+from rayvllm_nb._internal.logs import engine_failed, loading_stage, merge_by_time, root_cause
 
 VLLM_OUT = [
     ":job_id:01000000",
@@ -49,3 +49,9 @@ def test_root_cause_skips_wrappers_and_strips_log_prefixes() -> None:
         "safetensors._safetensors_rust.SafetensorError: Error while deserializing header: header too large"
     )
     assert root_cause(lines[2:]) is None
+
+
+def test_engine_failure_is_read_from_vllms_fatal_lines() -> None:
+    assert engine_failed(["(EngineCore pid=2) ERROR 11-27 05:09:44 [core.py:1] RuntimeError: Engine core "
+                          "initialization failed. See root cause above."])
+    assert not engine_failed(VLLM_OUT + SERVE_ERR)
