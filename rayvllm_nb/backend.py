@@ -339,12 +339,15 @@ class RayBackend:
 
         with self._connect_lock:
             cluster, self._cluster = self._cluster, None
-            if self._serve_started_here and not _kv_records():
-                serve.shutdown()
-            self._serve_started_here = False
-            ray.shutdown()
-            if cluster is not None and cluster.mode == "started-local":
-                _cluster.stop_local_cluster()
+            try:
+                if self._serve_started_here and not _kv_records():
+                    serve.shutdown()
+                self._serve_started_here = False
+                ray.shutdown()
+            finally:
+                # The cluster this process started goes, whatever happened above.
+                if cluster is not None and cluster.mode == "started-local":
+                    _cluster.stop_local_cluster()
 
     async def model_status(self, name: str | None = None) -> ModelStatus:
         """Status of the model ``name`` (the only deployed one when None)."""
