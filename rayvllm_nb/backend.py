@@ -29,7 +29,7 @@ from rayvllm_nb._internal.placement import PlacementPlan, plan_placement
 from rayvllm_nb.config import ModelConfig, _looks_like_path, load_config
 from rayvllm_nb.engines import get_engine
 from rayvllm_nb.errors import ConfigError, DeploymentError, NotDeployedError, ReadinessTimeout
-from rayvllm_nb.tiny_model import TINY_MODEL_REF, tiny_model_path
+from rayvllm_nb.tiny_model import TINY_MODEL_REF
 
 _KV_NAMESPACE = "rayvllm_nb"
 _KV_PREFIX = "model:"
@@ -155,7 +155,7 @@ class RayBackend:
             if self._cluster is not None and ray.is_initialized():
                 return self._cluster
             if ray.is_initialized():
-                self._cluster = _cluster._describe("existing-local", ray.get_runtime_context().gcs_address)
+                self._cluster = _cluster._describe("existing-local", ray.get_runtime_context().gcs_address, None)
             else:
                 self._cluster = _cluster.connect(address, num_cpus, num_gpus, start_local)
             return self._cluster
@@ -177,8 +177,8 @@ class RayBackend:
         already in use. ``replace=True`` stops a running model of the same name first.
         """
         model_config = load_config(config, overrides)
-        model_source = _resolve_model_source(model_config.model)
-        await self.initialize_ray()
+        cluster = await self.initialize_ray()
+        model_source = _resolve_model_source(model_config.model, cluster.is_local)
         await asyncio.to_thread(self._deploy, model_config, model_source, replace)
         if wait_ready:
             return await self.wait_for_ready(model_config.name, timeout=timeout, on_progress=on_progress)
@@ -209,7 +209,7 @@ class RayBackend:
         self._ensure_serve(config)
         if config.name in running:
             self._delete(running[config.name])
-        record = _DeploymentRecord.create(config, plan, engine.engine_deployment(config))
+        record = _DeploymentRecord.create(config, plan, engine.engine_deployment(config), self._cluster)
         application = engine.build_application(config, model_source, plan)
         try:
             serve._run(application, _blocking=False, name=record.app_name, route_prefix=config.route_prefix)
@@ -236,7 +236,9 @@ class RayBackend:
             return
         if self._cluster is not None and self._cluster.is_local:
             _check_port_free(config.host, config.port)
-        serve.start(http_options={"host": config.host, "port": config.port})
+        # One proxy, on the head: the notebook's endpoint is one address (and nodes sharing a
+        # machine, as in tests, would fight over the port).
+        serve.start(http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly")
         self._serve_started_here = True
 
     async def wait_for_ready(
@@ -388,10 +390,14 @@ class _DeploymentRecord:
     started_at: float
 
     @classmethod
-    def create(cls, config: ModelConfig, plan: PlacementPlan, engine_deployment: str) -> _DeploymentRecord:
+    def create(
+        cls, config: ModelConfig, plan: PlacementPlan, engine_deployment: str, cluster: ClusterInfo | None
+    ) -> _DeploymentRecord:
         details = _serve_details() or {}
         http = details.get("http_options") or {"host": config.host, "port": config.port}
-        host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::", "localhost") else http["host"]
+        host = config.endpoint_host or http["host"]
+        if host in ("0.0.0.0", "::", "localhost"):
+            host = cluster.host if cluster is not None and not cluster.is_local else "127.0.0.1"
         prefix = "" if config.route_prefix == "/" else config.route_prefix
         return cls(
             name=config.name,
@@ -410,9 +416,14 @@ def _app_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
 
 
-def _resolve_model_source(model: str) -> str:
-    if model == TINY_MODEL_REF:
-        return str(tiny_model_path())
+def _resolve_model_source(model: str, cluster_is_local: bool) -> str:
+    """What the replicas load; local folders are checked here when the replicas share this machine.
+
+    ``builtin:tiny`` stays a reference: each replica builds (or finds cached) the tiny model
+    on its own node.
+    """
+    if model == TINY_MODEL_REF or not cluster_is_local:
+        return model
     if _looks_like_path(model):
         path = Path(model).expanduser().resolve()
         if not path.is_dir():

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 import rayvllm_nb
+from rayvllm_nb import launch_cluster
 from rayvllm_nb._internal.chat import stream_chat_blocking
 from rayvllm_nb.backend import Progress
 from rayvllm_nb.errors import ConfigError, RayVllmError
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="tiny CPU model: build, deploy, chat, status, stop")
     demo.set_defaults(run=_demo)
 
+    cluster = commands.add_parser("cluster", help="start, inspect and stop the Ray cluster (see `cluster -h`)")
+    launch_cluster.add_commands(cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND"))
+
     tiny = commands.add_parser("make-tiny-model", help="build the tiny chat model into PATH")
     tiny.add_argument("path")
     tiny.set_defaults(run=_make_tiny_model)
@@ -107,10 +111,8 @@ def _stop(args: argparse.Namespace) -> int:
     for name in names:
         print(f"stopped {rayvllm_nb.stop(name)}")
     if args.cluster:
-        from rayvllm_nb._internal.cluster import stop_local_cluster
-
         rayvllm_nb.shutdown()
-        stop_local_cluster()
+        launch_cluster.stop()
         print("stopped the local Ray cluster")
     return 0
 

@@ -1,10 +1,12 @@
-"""Model configs: YAML or a dict in, a validated :class:`ModelConfig` out.
+"""Configs: YAML or a dict in, a validated model out.
 
-A config names the model, how to place it (device, tensor parallelism) and how
-vLLM should run it. ``load_config`` is the one way in: it accepts a
-``ModelConfig``, a dict (the seed's plain dict works), a YAML path or the name of
-a file under ``configs/models/``, applies ``key=value`` overrides and turns every
+A :class:`ModelConfig` names the model, how to place it (device, tensor parallelism)
+and how vLLM should run it; ``load_config`` is its one way in: it accepts a
+``ModelConfig``, a dict (the seed's plain dict works), a YAML path or the name of a
+file under ``configs/models/``, applies ``key=value`` overrides and turns every
 validation problem into one actionable :class:`~rayvllm_nb.errors.ConfigError`.
+A :class:`ClusterConfig` describes a local Ray head node; ``load_cluster_config``
+reads it the same way from ``configs/cluster/``.
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from rayvllm_nb.errors import ConfigError
 from rayvllm_nb.tiny_model import TINY_MODEL_REF
 
-_REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+_REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ModelConfig(BaseModel):
@@ -78,7 +80,17 @@ class ModelConfig(BaseModel):
         default=None,
         description="CPU cores each TP rank binds, e.g. '0|1' (CPU mode); split evenly when unset and TP > 1.",
     )
-    host: str = Field(default="127.0.0.1", description="Serve HTTP host; fixed when Serve first starts.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Serve HTTP host (0.0.0.0 opens it to the network); fixed when Serve first starts.",
+    )
+    endpoint_host: str | None = Field(
+        default=None,
+        description=(
+            "Host the notebook's OpenAI client uses to reach Serve (e.g. 127.0.0.1 through an SSH tunnel); "
+            "default: Serve's host, or the cluster address's host when Serve listens on all interfaces."
+        ),
+    )
     port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP port; fixed when Serve first starts.")
     route_prefix: str = Field(
         default="/", description="URL prefix of this model's OpenAI API; each running model needs its own."
@@ -124,14 +136,113 @@ class ModelConfig(BaseModel):
         return data
 
 
+class ClusterConfig(BaseModel):
+    """A local Ray head node: its ports, resources and what it exposes.
+
+    Ray's own ports (GCS, Ray Client) listen on the node's IP and are protected by Ray's
+    token authentication; the dashboard binds ``dashboard_host`` (127.0.0.1 unless opened).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_ip_address: str | None = Field(
+        default=None,
+        description="IP other nodes and drivers reach this head at; Ray picks the machine's IP when unset.",
+    )
+    port: int = Field(default=6379, ge=1, le=65535, description="GCS port: the address is <node IP>:<port>.")
+    ray_client_server_port: int = Field(
+        default=10001, ge=1, le=65535, description="Ray Client server port (ray://<host>:<port>)."
+    )
+    dashboard: bool = Field(default=True, description="Run Ray's dashboard (also serves logs and the state API).")
+    dashboard_host: str = Field(
+        default="127.0.0.1", description="Interface the dashboard binds; 0.0.0.0 opens it to the network."
+    )
+    dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Dashboard HTTP port.")
+    num_cpus: int | None = Field(
+        default=None, ge=0, description="CPUs this node offers to Ray; all of the machine's cores when unset."
+    )
+    num_gpus: int | None = Field(default=None, ge=0, description="GPUs this node offers; Ray detects them when unset.")
+    object_store_memory_gb: float | None = Field(
+        default=None, gt=0, description="Object store size in GiB; Ray's default (30 % of memory) when unset."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources this node offers, e.g. {accelerator_a10g: 4}."
+    )
+    min_worker_port: int = Field(default=10002, ge=1024, le=65535, description="Lowest port of Ray's worker processes.")
+    max_worker_port: int = Field(default=19999, ge=1024, le=65535, description="Highest port of Ray's worker processes.")
+    token_auth: bool = Field(
+        default=True,
+        description="Require Ray's token authentication (the token in ~/.ray/auth_token, created if missing).",
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _resources_not_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = {name: amount for name, amount in value.items() if amount < 0}
+        if negative:
+            raise ValueError(f"resource amounts must be >= 0, got {negative}")
+        reserved = {"CPU", "GPU", "memory", "object_store_memory"} & set(value)
+        if reserved:
+            raise ValueError(f"{sorted(reserved)} have keys of their own (num_cpus, num_gpus, ...)")
+        return value
+
+    @model_validator(mode="after")
+    def _ports_do_not_collide(self) -> ClusterConfig:
+        if self.min_worker_port > self.max_worker_port:
+            raise ValueError(f"min_worker_port {self.min_worker_port} is above max_worker_port {self.max_worker_port}")
+        named = self.listening_ports()
+        seen: dict[int, str] = {}
+        for name, port in named.items():
+            if port in seen:
+                raise ValueError(f"{name} and {seen[port]} both use port {port}; give each its own")
+            if self.min_worker_port <= port <= self.max_worker_port:
+                raise ValueError(
+                    f"{name}={port} lies in Ray's worker port range {self.min_worker_port}-{self.max_worker_port}; "
+                    "pick a port outside it or move the range (min_worker_port/max_worker_port)"
+                )
+            seen[port] = name
+        return self
+
+    def listening_ports(self) -> dict[str, int]:
+        """The fixed ports the head listens on, by config key."""
+        ports = {"port": self.port, "ray_client_server_port": self.ray_client_server_port}
+        if self.dashboard:
+            ports["dashboard_port"] = self.dashboard_port
+        return ports
+
+
+def load_cluster_config(
+    source: ClusterConfig | Mapping[str, Any] | str | os.PathLike[str],
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+) -> ClusterConfig:
+    """Build a validated :class:`ClusterConfig` from a dict, a YAML path or a name under
+    ``configs/cluster/`` (e.g. ``"local_cpu"``), with ``key=value`` overrides."""
+    if isinstance(source, ClusterConfig):
+        data, origin = source.model_dump(), "the given ClusterConfig"
+    elif isinstance(source, Mapping):
+        data, origin = dict(source), "the given dict"
+    else:
+        path = _find_config_file(str(source), "cluster")
+        data, origin = _read_yaml(path), str(path)
+        if {"cluster_name", "provider"} & set(data):
+            raise ConfigError(
+                f"{path} is a Ray cluster-launcher file (it has cluster_name/provider), not a local head config. "
+                f"Start it with `rayvllm cluster start-autoscaler --config {path}`; `start` takes a config like "
+                "configs/cluster/local_cpu.yaml."
+            )
+    for key, value in _parse_overrides(overrides).items():
+        _set_dotted(data, key, value)
+    return _validate(ClusterConfig, data, origin)
+
+
 def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(model))
 
 
-def available_configs() -> dict[str, Path]:
-    """Model configs shipped with the project (and in ./configs/models), by name."""
+def available_configs(kind: Literal["models", "cluster"] = "models") -> dict[str, Path]:
+    """Configs shipped with the project (and in ./configs/<kind>), by name."""
     found: dict[str, Path] = {}
-    for folder in (_REPO_CONFIGS, Path.cwd() / "configs" / "models"):
+    for folder in (_REPO_CONFIGS / kind, Path.cwd() / "configs" / kind):
         if folder.is_dir():
             found.update({p.stem: p for p in sorted(folder.glob("*.yaml"))})
     return found
@@ -156,18 +267,18 @@ def load_config(
     elif isinstance(source, Mapping):
         data, origin = dict(source), "the given dict"
     else:
-        path = _find_config_file(str(source))
+        path = _find_config_file(str(source), "models")
         data, origin = _read_yaml(path), str(path)
     for key, value in _parse_overrides(overrides).items():
         _set_dotted(data, key, value)
-    return _validate(data, origin)
+    return _validate(ModelConfig, data, origin)
 
 
-def _find_config_file(source: str) -> Path:
+def _find_config_file(source: str, kind: Literal["models", "cluster"]) -> Path:
     path = Path(source).expanduser()
     if path.is_file():
         return path
-    named = available_configs()
+    named = available_configs(kind)
     if source in named:
         return named[source]
     hint = difflib.get_close_matches(source, named, n=1)
@@ -215,23 +326,30 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     target[leaf] = value
 
 
-def _validate(data: dict[str, Any], origin: str) -> ModelConfig:
+_Config = TypeVar("_Config", bound=BaseModel)
+
+
+def _validate(kind: type[_Config], data: dict[str, Any], origin: str) -> _Config:
     try:
-        return ModelConfig.model_validate(data)
+        return kind.model_validate(data)
     except ValidationError as error:
-        problems = [_describe(problem) for problem in error.errors()]
+        problems = [_describe(kind, problem) for problem in error.errors()]
+        what = "model config" if kind is ModelConfig else "cluster config"
         raise ConfigError(
-            f"Invalid model config from {origin}: " + "; ".join(problems) + ". "
-            "Fix these keys (see the README's config table) and retry."
+            f"Invalid {what} from {origin}: " + "; ".join(problems) + ". "
+            "Fix these keys (see the field descriptions in the README or docs/cluster-setup.md) and retry."
         ) from None
 
 
-def _describe(problem: Mapping[str, Any]) -> str:
+def _describe(kind: type[BaseModel], problem: Mapping[str, Any]) -> str:
     location = ".".join(str(part) for part in problem["loc"])
     if problem["type"] == "extra_forbidden":
-        hint = difflib.get_close_matches(str(problem["loc"][-1]), ModelConfig.model_fields, n=1)
+        hint = difflib.get_close_matches(str(problem["loc"][-1]), kind.model_fields, n=1)
         return f"unknown key {location!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
     if problem["type"] == "missing":
         return f"missing required key {location!r}"
+    message = str(problem["msg"]).removeprefix("Value error, ")
+    if not location:
+        return message
     shown = "**********" if location == "hf_token" else repr(problem.get("input"))
-    return f"{location}={shown}: {problem['msg']}"
+    return f"{location}={shown}: {message}"

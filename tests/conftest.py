@@ -21,6 +21,19 @@ from rayvllm_nb._internal.cluster import ClusterInfo
 REPO = Path(__file__).resolve().parent.parent
 
 
+_NEEDS_A_MACHINE_WITHOUT_RAY = ("tests/test_launch_cluster.py", "notebooks/05_cluster.ipynb")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the cluster launcher's tests and notebook first: they start and stop their own head
+    and need a machine where the session's cluster has not started yet."""
+    def first(item: pytest.Item) -> int:
+        path = Path(str(item.path)).resolve().relative_to(REPO).as_posix()
+        return _NEEDS_A_MACHINE_WITHOUT_RAY.index(path) if path in _NEEDS_A_MACHINE_WITHOUT_RAY else 2
+
+    items.sort(key=first)
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[ClusterInfo]:
     """The local cluster (started when none runs; stopped at the end if started here)."""

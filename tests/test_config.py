@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rayvllm_nb.config import ModelConfig, available_configs, load_config
+from rayvllm_nb.config import ModelConfig, available_configs, load_cluster_config, load_config
 from rayvllm_nb.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,3 +78,35 @@ def test_hf_token_never_shows_in_repr_errors_or_public_dict() -> None:
         load_config({"model": "m", "hf_token": 12345678})
     assert "12345678" not in str(error.value)
     assert load_config(config).hf_token.get_secret_value() == secret
+
+
+def test_shipped_cluster_configs_validate_and_keep_the_dashboard_local() -> None:
+    names = available_configs("cluster")
+    assert {"local_basic", "local_cpu", "local_gpu", "multi_node_example"} <= set(names)
+    for name in ("local_basic", "local_cpu", "local_gpu"):
+        config = load_cluster_config(name)
+        assert config.dashboard_host == "127.0.0.1" and config.token_auth
+    assert load_cluster_config("local_cpu").num_gpus == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_cpus": -1}, "num_cpus=-1: Input should be greater than or equal to 0"),
+        ({"resources": {"accelerator": -2}}, "resource amounts must be >= 0"),
+        ({"object_store_memory_gb": 0}, "object_store_memory_gb=0"),
+        ({"dashbord": False}, "unknown key 'dashbord' (did you mean 'dashboard'?)"),
+        ({"port": 10005}, "port=10005 lies in Ray's worker port range 10002-19999"),
+        ({"port": 8265}, "dashboard_port and port both use port 8265"),
+        ({"resources": {"GPU": 1}}, "have keys of their own"),
+    ],
+)
+def test_bad_cluster_configs_say_what_to_fix(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match="Invalid cluster config") as error:
+        load_cluster_config("local_cpu", overrides)
+    assert message in str(error.value)
+
+
+def test_a_cluster_launcher_file_is_not_a_local_head_config() -> None:
+    with pytest.raises(ConfigError, match="start-autoscaler"):
+        load_cluster_config("multi_node_example")

@@ -5,6 +5,7 @@ All functions here block; the backend calls them from a worker thread.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -13,9 +14,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from rayvllm_nb._internal.paths import cache_root
+from rayvllm_nb.config import ClusterConfig
 from rayvllm_nb.errors import ClusterError
 
 ClusterMode = Literal["started-local", "existing-local", "remote"]
@@ -38,6 +40,11 @@ class ClusterInfo:
         return f"{self.address} ({self.mode}, {self.nodes} node(s), {devices})"
 
     @property
+    def host(self) -> str:
+        """The host part of the address (no scheme, no port)."""
+        return self.address.removeprefix("ray://").rpartition(":")[0] or self.address
+
+    @property
     def is_local(self) -> bool:
         """True when the cluster's head runs on this machine."""
         return self.mode != "remote"
@@ -49,48 +56,69 @@ def connect(address: str | None, num_cpus: int | None, num_gpus: int | None, sta
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        _init(address)
-        return _describe("existing-local" if _is_this_machine(address) else "remote", address)
+        dashboard = _init(address)
+        return _describe("existing-local" if _is_this_machine(address) else "remote", address, dashboard)
     # "auto" (not the address itself) lets Ray pick up the local token of a head
     # started with token authentication, Ray's default for `ray start`.
     running = _running_local_head()
     if running:
-        _init("auto")
-        return _describe("existing-local", running)
+        return _describe("existing-local", running, _init("auto"))
     if not start_local:
         raise ClusterError(
             "No Ray cluster is running on this machine and no address was given. Start one with "
             "`rayvllm serve CONFIG` or `ray start --head`, or pass --address / set RAY_ADDRESS."
         )
     started = start_local_cluster(num_cpus=num_cpus, num_gpus=num_gpus)
-    _init("auto")
-    return _describe("started-local", started)
+    return _describe("started-local", started, _init("auto"))
 
 
 def start_local_cluster(num_cpus: int | None, num_gpus: int | None) -> str:
-    """``ray start --head``, its output in a log file; returns the GCS address.
+    """A head with the defaults of an embedded cluster: all cores (or ``num_cpus``), no GPUs
+    unless asked, the first free GCS port from 6379; returns its GCS address."""
+    config = ClusterConfig(num_cpus=num_cpus if num_cpus is not None else os.cpu_count() or 1, num_gpus=num_gpus or 0)
+    return start_head(config.model_copy(update={"port": _free_port(config.port)}))
 
-    The dashboard binds 127.0.0.1; Ray's own ports use the node's IP and Ray's token
-    authentication (on by default since Ray 2.5x).
+
+def check_can_start(config: ClusterConfig) -> None:
+    """Raise ClusterError before any process starts if this machine cannot host the head."""
+    running = _running_local_head()
+    if running:
+        raise ClusterError(
+            f"A Ray head already runs on this machine at {running}. Use it (`rayvllm cluster get-address`), "
+            "or stop it first with `rayvllm cluster stop`."
+        )
+    for key, port in config.listening_ports().items():
+        host = config.dashboard_host if key == "dashboard_port" else "0.0.0.0"
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                raise ClusterError(
+                    f"Port {port} ({key}) on {host} is already in use ({error.strerror}), so the head cannot "
+                    f"listen there. Stop the program using it, or pick another port (e.g. `--set {key}={port + 1}`)."
+                ) from None
+
+
+def start_head(config: ClusterConfig) -> str:
+    """``ray start --head`` with ``config``, its output in a log file; returns the GCS address.
+
+    The daemons outlive the caller (detached, in their own session, output in a file).
     """
-    port = _free_port(6379)
+    check_can_start(config)
     log_file = _log_dir() / f"ray-start-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    command = [
-        *_RAY_CLI, "start", "--head", f"--port={port}",
-        "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-        f"--num-cpus={num_cpus if num_cpus is not None else os.cpu_count() or 1}",
-        f"--num-gpus={num_gpus or 0}",
-    ]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token" if config.token_auth else "disabled"}
+    if config.token_auth:
+        _ensure_auth_token()
     with open(log_file, "ab") as log:
         # A new session keeps the daemons out of the caller's process group (Ctrl-C in a
         # notebook must not kill the cluster) and away from its stdout.
         result = subprocess.run(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, timeout=180, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+            [*_RAY_CLI, "start", "--head", *head_arguments(config)], stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True, timeout=180, env=env,
         )
     if result.returncode != 0:
         raise ClusterError(
-            f"Starting a local Ray cluster failed (exit {result.returncode}); its output is in {log_file}. "
+            f"Starting a local Ray head failed (exit {result.returncode}); its output is in {log_file}. "
             "Fix what it reports, or start one yourself with `ray start --head` and retry."
         )
     address = _running_local_head()
@@ -99,21 +127,51 @@ def start_local_cluster(num_cpus: int | None, num_gpus: int | None) -> str:
     return address
 
 
-def stop_local_cluster() -> None:
-    """``ray stop`` for the local cluster, then end what Ray does not know it started.
+def head_arguments(config: ClusterConfig) -> list[str]:
+    """``ray start --head`` flags for ``config``."""
+    arguments = [
+        f"--port={config.port}",
+        f"--ray-client-server-port={config.ray_client_server_port}",
+        f"--min-worker-port={config.min_worker_port}",
+        f"--max-worker-port={config.max_worker_port}",
+        f"--include-dashboard={str(config.dashboard).lower()}",
+        "--disable-usage-stats",
+    ]
+    if config.dashboard:
+        arguments += [f"--dashboard-host={config.dashboard_host}", f"--dashboard-port={config.dashboard_port}"]
+    if config.node_ip_address:
+        arguments.append(f"--node-ip-address={config.node_ip_address}")
+    if config.num_cpus is not None:
+        arguments.append(f"--num-cpus={config.num_cpus}")
+    if config.num_gpus is not None:
+        arguments.append(f"--num-gpus={config.num_gpus}")
+    if config.object_store_memory_gb is not None:
+        arguments.append(f"--object-store-memory={int(config.object_store_memory_gb * 2**30)}")
+    if config.resources:
+        arguments.append(f"--resources={json.dumps(config.resources)}")
+    return arguments
+
+
+def stop_local_cluster() -> list[str]:
+    """``ray stop`` for the local cluster, then end what Ray does not know it started;
+    returns a description of each process that was running (empty when none was).
 
     vLLM's engine-core and worker processes are children of Serve replicas but not Ray
     workers: ``ray stop`` would leave them running, orphaned.
     """
     import psutil
 
-    descendants = []
-    for process in psutil.process_iter(["name", "cmdline"]):
-        if process.info["name"] == "raylet" or any(p.endswith("/raylet") for p in process.info["cmdline"] or []):
-            try:
-                descendants += process.children(recursive=True)
-            except psutil.Error:
+    ray_processes, descendants = [], []
+    for process in psutil.process_iter(["name", "cmdline", "pid"]):
+        try:
+            kind = _ray_process_kind(process.info["name"] or "", process.info["cmdline"] or [])
+            if kind is None:
                 continue
+            ray_processes.append(f"{kind} (pid {process.info['pid']})")
+            if kind == "raylet":
+                descendants += process.children(recursive=True)
+        except psutil.Error:
+            continue
     with open(_log_dir() / "ray-stop.log", "ab") as log:
         subprocess.run(
             [*_RAY_CLI, "stop", "--force"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -124,6 +182,133 @@ def stop_local_cluster() -> None:
             process.kill()
         except psutil.Error:
             continue
+    return ray_processes
+
+
+_RAY_DAEMONS = {
+    "dashboard/dashboard.py": "dashboard",
+    "dashboard/agent.py": "dashboard agent",
+    "runtime_env/agent/main.py": "runtime env agent",
+    "ray.util.client.server": "Ray Client server",
+    "_private/log_monitor.py": "log_monitor",
+    "autoscaler/_private/monitor.py": "monitor",
+}
+
+
+def _ray_process_kind(name: str, cmdline: list[str]) -> str | None:
+    """Which Ray daemon or worker a process is, from its name and command line."""
+    if name in ("gcs_server", "raylet"):
+        return name
+    if name.startswith("ray::"):
+        return "worker " + name
+    if cmdline and cmdline[0].startswith("ray-dashboard-"):
+        return "dashboard module " + cmdline[0].split(" ", 1)[0].removeprefix("ray-dashboard-")
+    joined = " ".join(cmdline[:3])
+    return next((kind for marker, kind in _RAY_DAEMONS.items() if marker in joined), None)
+
+
+def running_client_server_port() -> int:
+    """The port of the Ray Client server on this machine, read from its command line."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any(part.endswith(("ray.util.client.server", "util/client/server.py")) for part in cmdline[:4]):
+            for part in cmdline:
+                if part.startswith("--port="):
+                    return int(part.removeprefix("--port="))
+    raise ClusterError(
+        "No Ray Client server runs on this machine (a head started by `rayvllm cluster start` runs one). "
+        "Use the GCS address from `rayvllm cluster get-address` instead."
+    )
+
+
+def running_head_address() -> str:
+    """The GCS address of the Ray head running on this machine; ClusterError when none runs."""
+    address = _running_local_head()
+    if address is None:
+        raise ClusterError(
+            "No Ray head runs on this machine. Start one with `rayvllm cluster start --config "
+            "configs/cluster/local_cpu.yaml` (or `ray start --head`), or pass the remote cluster's address."
+        )
+    return address
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """One node as Ray sees it."""
+
+    node_id: str
+    address: str
+    alive: bool
+    is_head: bool
+    resources: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ClusterReport:
+    """Nodes, resources (total and free) and Serve applications of a cluster."""
+
+    address: str
+    nodes: list[NodeReport]
+    total: dict[str, float]
+    available: dict[str, float]
+    serve_apps: dict[str, str]
+
+    def __str__(self) -> str:
+        alive = [node for node in self.nodes if node.alive]
+        lines = [f"Ray cluster {self.address}: {len(alive)} node(s) alive"]
+        for node in self.nodes:
+            role = "head" if node.is_head else "worker"
+            state = "alive" if node.alive else "dead"
+            lines.append(f"  {node.node_id[:12]}  {node.address:<15} {role:<6} {state:<5} {_format_resources(node.resources)}")
+        lines.append("Resources (free / total):")
+        for key in sorted(self.total):
+            lines.append(f"  {key:<22} {_amount(key, self.available.get(key, 0.0))} / {_amount(key, self.total[key])}")
+        if self.serve_apps:
+            lines.append("Serve applications:")
+            lines += [f"  {name}: {state}" for name, state in sorted(self.serve_apps.items())]
+        else:
+            lines.append("Serve applications: none")
+        return "\n".join(lines)
+
+
+def describe_cluster(address: str) -> ClusterReport:
+    """What runs on the cluster this process is connected to (``address`` is for display)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    nodes = [
+        NodeReport(
+            node_id=node["NodeID"],
+            address=node["NodeManagerAddress"],
+            alive=node["Alive"],
+            is_head="node:__internal_head__" in node["Resources"],
+            resources=_user_resources(node["Resources"]),
+        )
+        for node in ray.nodes()
+    ]
+    client = _get_global_client(raise_if_no_controller_running=False)
+    apps = client.get_serve_details().get("applications", {}) if client is not None else {}
+    return ClusterReport(
+        address=address,
+        nodes=nodes,
+        total=_user_resources(ray.cluster_resources()),
+        available=_user_resources(ray.available_resources()),
+        serve_apps={name: str(getattr(app["status"], "value", app["status"])) for name, app in apps.items()},
+    )
+
+
+def _user_resources(resources: dict[str, float]) -> dict[str, float]:
+    return {key: value for key, value in resources.items() if not key.startswith("node:")}
+
+
+def _amount(key: str, value: float) -> str:
+    return f"{value / 2**30:.2f} GiB" if key in ("memory", "object_store_memory") else f"{value:g}"
+
+
+def _format_resources(resources: dict[str, float]) -> str:
+    return ", ".join(f"{key} {_amount(key, value)}" for key, value in sorted(resources.items()))
 
 
 def cluster_resources() -> tuple[dict[str, float], int]:
@@ -134,12 +319,14 @@ def cluster_resources() -> tuple[dict[str, float], int]:
     return dict(ray.cluster_resources()), max(node_cpus, default=0)
 
 
-def _init(address: str) -> None:
+def _init(address: str) -> str | None:
+    """``ray.init`` for a driver that prints nothing into cells; returns the dashboard's URL."""
     import ray
 
+    if address != "auto" and _is_this_machine(address):
+        _use_local_token()
     try:
-        # Replica logs go to files and get_logs(), never into a notebook cell.
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        context = _ray_init(address)
         import ray.serve  # noqa: F401  (its import sets the driver's Serve logger to INFO)
 
         # Serve's driver-side INFO lines (deployment option dumps) are noise in a notebook cell.
@@ -151,19 +338,60 @@ def _init(address: str) -> None:
             "address (ray://host:10001); a cluster with token authentication also needs RAY_AUTH_MODE=token "
             "and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)."
         ) from None
+    return getattr(context, "dashboard_url", None) or None
 
 
-def _describe(mode: ClusterMode, address: str) -> ClusterInfo:
+def _ray_init(address: str) -> Any:
+    """``ray.init`` with replica logs kept out of the driver (they go to files and get_logs()).
+
+    A Ray Client server sometimes fails to start the per-client server of a connection
+    ("Initialization failure from server"); the next connection works, so one retry.
+    """
+    import ray
+
+    attempts = 2 if address.startswith("ray://") else 1
+    for attempt in range(attempts):
+        try:
+            return ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        except ConnectionError as error:
+            if attempt + 1 == attempts or "Initialization failure" not in str(error):
+                raise
+            ray.shutdown()
+    raise AssertionError("unreachable")
+
+
+def _ensure_auth_token() -> None:
+    """Create Ray's token file (~/.ray/auth_token) when no token is configured."""
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+    from ray._raylet import AuthenticationTokenLoader
+
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        generate_and_save_token()
+
+
+def _use_local_token() -> None:
+    """Send this machine's Ray token, as ``ray.init("auto")`` does, to a head on this machine.
+
+    Ray only does it for "auto"; an explicit local address or ray://127.0.0.1 would
+    otherwise fail against a token-protected head. Remote heads never get the local token.
+    """
+    from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR, _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader
+
+    if AUTH_MODE_ENV_VAR not in os.environ and AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        _enable_token_auth()
+
+
+def _describe(mode: ClusterMode, address: str, dashboard: str | None) -> ClusterInfo:
     import ray
 
     nodes = [node for node in ray.nodes() if node["Alive"]]
-    dashboard = ray.get_runtime_context().worker.node.address_info.get("webui_url") if mode != "remote" else None
     return ClusterInfo(
         mode=mode,
         address=address,
         nodes=len(nodes),
         resources={k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
-        dashboard_url=f"http://{dashboard}" if dashboard else None,
+        dashboard_url=(dashboard if "://" in dashboard else f"http://{dashboard}") if dashboard else None,
     )
 
 
@@ -195,7 +423,7 @@ def _free_port(preferred: int) -> int:
 def _is_this_machine(address: str) -> bool:
     from ray._private.services import get_node_ip_address
 
-    host = address.removeprefix("ray://").rpartition(":")[0] or address
+    host = address.removeprefix("ray://").rpartition(":")[0] or address.removeprefix("ray://")
     return host in ("127.0.0.1", "localhost", get_node_ip_address())
 
 

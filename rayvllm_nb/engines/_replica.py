@@ -24,10 +24,12 @@ from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPExc
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress
 from ray.llm._internal.serve.core.ingress.ingress import init as _serve_llm_fastapi
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
+from ray.serve.llm import LLMConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from rayvllm_nb.engines.serve_llm import SECRET_ENV_NAMES, SECRET_NAMESPACE, SECRET_REF_ENV
+from rayvllm_nb.tiny_model import TINY_MODEL_REF, tiny_model_path
 
 _HEALTH_TIMEOUT_S = 5.0
 _ERROR_TYPES = {
@@ -41,11 +43,20 @@ _ERROR_TYPES = {
 
 
 class VllmServer(LLMServer):
-    """``LLMServer`` that loads the model's secrets into its environment before vLLM starts."""
+    """``LLMServer`` that loads the model's secrets into its environment before vLLM starts,
+    and builds the embedded tiny model on the replica's own node (a driver's path means
+    nothing on a remote cluster)."""
 
-    async def __init__(self, *args: Any, **kwargs: Any) -> None:
+    async def __init__(self, llm_config: LLMConfig, **kwargs: Any) -> None:
         load_secret_env()
-        await super().__init__(*args, **kwargs)
+        if llm_config.model_loading_config.model_source == TINY_MODEL_REF:
+            loading = llm_config.model_loading_config.model_copy(
+                update={"model_source": str(await asyncio.to_thread(tiny_model_path))}
+            )
+            llm_config = llm_config.model_copy(update={"model_loading_config": loading})
+            # Serve LLM caches the engine config derived from the old source on first use.
+            llm_config._engine_config = None
+        await super().__init__(llm_config, **kwargs)
 
 
 class SecretsCallback(CallbackBase):
