@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test env clean
+.PHONY: demo test bench env clean
 
 env: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ demo: env
 test: env
 	$(BIN)/python -m ipykernel install --user --name rayvllm-nb --display-name "rayvllm-nb (.venv)" >/dev/null
 	$(BIN)/python -m pytest --nbmake --nbmake-kernel=rayvllm-nb --nbmake-timeout=900 tests notebooks
+
+# The full side-by-side benchmark (about 10 minutes here): vLLM alone vs rayvllm_nb, two
+# alternating rounds; the table is printed and the JSON saved under bench-results/.
+bench: env
+	$(BIN)/rayvllm bench tiny-cpu --concurrency 1,8,32 --requests 256 --rounds 2 --output bench-results/bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -12,11 +12,13 @@ Async API: ``await rayvllm_nb.ray_backend.start_model(...)``; both share one sta
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import openai
 
-from rayvllm_nb._internal.facade import blocking
+from rayvllm_nb._internal.facade import BRIDGE, blocking
 from rayvllm_nb.backend import ModelStatus, Progress, RayBackend, Status
 from rayvllm_nb.config import ModelConfig, available_configs, load_config
 from rayvllm_nb.errors import (
@@ -30,6 +32,7 @@ from rayvllm_nb.errors import (
 from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, make_tiny_model
 
 if TYPE_CHECKING:
+    from rayvllm_nb.bench import BenchReport
     from rayvllm_nb.widget import Panel
 
 ray_backend = RayBackend()
@@ -43,6 +46,18 @@ stop = blocking(ray_backend.stop_model)
 logs = blocking(ray_backend.get_logs)
 shutdown = blocking(ray_backend.shutdown)
 model_status = blocking(ray_backend.model_status)
+
+
+def bench(
+    config: ModelConfig | Mapping[str, Any] | str | os.PathLike[str] = "tiny-cpu",
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    **settings: Any,
+) -> BenchReport:
+    """vLLM alone, then the same model through rayvllm_nb, side by side; see :func:`rayvllm_nb.bench.benchmark`
+    for ``settings`` (concurrency, requests, input_len, output_len, rounds, relaunch, output, on_event)."""
+    from rayvllm_nb.bench import benchmark
+
+    return BRIDGE.run(benchmark(ray_backend, config, overrides, **settings))
 
 
 def panel() -> Panel:
@@ -92,6 +107,7 @@ __all__ = [
     "Status",
     "async_client",
     "available_configs",
+    "bench",
     "client",
     "init",
     "load_config",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 
 import rayvllm_nb
@@ -60,6 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.set_defaults(run=_chat)
+
+    bench = commands.add_parser("bench", help="vLLM alone vs rayvllm_nb on the same model: a side-by-side table")
+    bench.add_argument("config", nargs="?", default="tiny-cpu", help="YAML file or config name (default: tiny-cpu)")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (repeatable)")
+    bench.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="comma-separated, e.g. 1,8,32")
+    bench.add_argument("--requests", type=int, default=256, help="requests at each concurrency")
+    bench.add_argument("--input-len", type=int, default=32, help="prompt length in words")
+    bench.add_argument("--output-len", type=int, default=64, help="output tokens per request (ignore_eos)")
+    bench.add_argument("--rounds", type=int, default=1, help="alternate the sides this many times (A B A B)")
+    bench.add_argument("--no-relaunch", dest="relaunch", action="store_false",
+                       help="skip the second start of each side (relaunch time to ready)")
+    bench.add_argument("--output", help="JSON file (default: bench-results/bench-<time>.json)")
+    bench.set_defaults(run=_bench)
 
     demo = commands.add_parser("demo", help="tiny CPU model: build, deploy, chat, status, stop")
     demo.set_defaults(run=_demo)
@@ -131,6 +146,26 @@ def _chat(args: argparse.Namespace) -> int:
     print()
     print(result.summary(), file=sys.stderr)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.address:
+        rayvllm_nb.init(args.address)
+    output = args.output or f"bench-results/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    report = rayvllm_nb.bench(
+        args.config, args.overrides, concurrency=args.concurrency, requests=args.requests, input_len=args.input_len,
+        output_len=args.output_len, rounds=args.rounds, relaunch=args.relaunch, output=output,
+        on_event=lambda message: print(message, flush=True),
+    )
+    print(report.table())
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,32, got {text!r}") from None
 
 
 def _demo(args: argparse.Namespace) -> int:

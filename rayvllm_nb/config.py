@@ -174,6 +174,13 @@ class ClusterConfig(BaseModel):
         default=True,
         description="Require Ray's token authentication (the token in ~/.ray/auth_token, created if missing).",
     )
+    serve_direct_ingress: bool = Field(
+        default=True,
+        description=(
+            "Serve's HAProxy mode: HAProxy on the Serve port streams from each replica's own HTTP server "
+            "(no Ray actor call per token). Replicas on other machines then need the model's host: 0.0.0.0."
+        ),
+    )
 
     @field_validator("resources")
     @classmethod

@@ -87,9 +87,16 @@ def engine_failed(lines: Iterable[str]) -> bool:
     return any(marker in line for line in lines for marker in _FATAL_MARKERS)
 
 
+# vLLM's INFO/WARNING lines can quote an error as advice ("... errors like `OSError: ...`").
+_ADVICE_LINE = re.compile(r"^(?:\([^)]*\) )?(?:INFO|WARNING|DEBUG) ")
+
+
 def root_cause(lines: Iterable[str]) -> str | None:
-    """The first ``SomeError: message`` line that is not a generic wrapper, without log prefixes."""
+    """The first ``SomeError: message`` line that is not a generic wrapper or a log line's
+    advice, without log prefixes."""
     for line in lines:
+        if _ADVICE_LINE.match(line):
+            continue
         match = _ERROR_LINE.search(line)
         if match and not any(wrapper in match.group(2) for wrapper in _WRAPPER_ERRORS):
             return f"{match.group(1)}: {match.group(2).strip()}"

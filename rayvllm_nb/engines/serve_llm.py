@@ -30,10 +30,13 @@ SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class ServeLLMEngine(Engine):
-    """``ray.serve.llm``'s engine server (vLLM in the replica) behind its OpenAI ingress.
+    """vLLM's own OpenAI server in each Serve replica, which is its model's HTTP ingress.
 
-    Our subclasses add ``/health``, OpenAI-shaped errors and secret loading; the ingress
-    asks for 0 CPUs so it schedules even when the engine's bundles take every CPU.
+    Serve LLM's ``LLMServer`` (our subclass) runs the engine and builds vLLM's FastAPI app
+    around it; ``serve.ingress()`` makes that app the deployment's ingress. With Serve's
+    HAProxy mode (heads we start) requests stream from the replica's own HTTP server through
+    HAProxy, with no Ray actor call per token; elsewhere Serve's proxy forwards in one hop.
+    The replica asks for no CPU itself: its placement group is exactly the plan.
     """
 
     name = "serve-llm"
@@ -41,8 +44,6 @@ class ServeLLMEngine(Engine):
     def build_application(self, config: ModelConfig, model_source: str, plan: PlacementPlan) -> Application:
         with _quiet_driver_imports():
             from ray import serve
-            from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-            from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
             from ray.serve.llm import LLMConfig, build_llm_deployment
 
             from rayvllm_nb.engines import _replica
@@ -56,19 +57,12 @@ class ServeLLMEngine(Engine):
             # exactly the plan (Serve LLM would otherwise add a CPU to the first bundle).
             deployment_config={"num_replicas": config.num_replicas, "ray_actor_options": {"num_cpus": 0}},
             server_cls=_replica.VllmServer,
-            callback_config={"callback_class": _replica.SecretsCallback},
+            callback_config={"callback_class": _replica.ReplicaCallback},
         )
-        ingress = make_fastapi_ingress(
-            _replica.OpenAIIngress, endpoint_map=_replica.ENDPOINTS, app=_replica.make_fastapi_app()
-        )
-        options = {**_replica.OpenAIIngress.get_deployment_options([llm_config]), "ray_actor_options": {"num_cpus": 0}}
-        return serve.deployment(ingress, **options).bind(
-            llm_deployments={
-                config.name: build_llm_deployment(
-                    llm_config, override_serve_options={"name": self.engine_deployment(config)}
-                )
-            },
-            model_cards={config.name: to_model_metadata(config.name, llm_config)},
+        return build_llm_deployment(
+            llm_config,
+            override_serve_options={"name": self.engine_deployment(config)},
+            deployment_cls=serve.ingress()(_replica.VllmServer),
         )
 
     def validate(self, config: ModelConfig) -> None:
@@ -85,7 +79,7 @@ class ServeLLMEngine(Engine):
     @staticmethod
     def _runtime_env(config: ModelConfig, plan: PlacementPlan) -> dict[str, Any]:
         """The replicas' environment; secrets go to the cluster KV store, only their key goes here."""
-        env_vars = {**plan.env_vars, **config.env_vars}
+        env_vars = {**_REPLICA_ENV, **plan.env_vars, **config.env_vars}
         if config.hf_token is None:
             return {"env_vars": env_vars}
         from ray.experimental.internal_kv import _internal_kv_put
@@ -94,6 +88,13 @@ class ServeLLMEngine(Engine):
         secrets = json.dumps(dict.fromkeys(SECRET_ENV_NAMES, token))
         _internal_kv_put(_secret_ref(config.name), secrets, overwrite=True, namespace=SECRET_NAMESPACE)
         return {"env_vars": {**env_vars, SECRET_REF_ENV: _secret_ref(config.name)}}
+
+
+_REPLICA_ENV = {
+    # vLLM's app, its engine client and the replica's HTTP server share one event loop, as in
+    # `vllm serve`: no thread hop per streamed chunk (docs/performance.md, variant v2).
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+}
 
 
 def _secret_ref(name: str) -> str:

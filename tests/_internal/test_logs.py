@@ -13,7 +13,7 @@ SERVE_ERR = [
     "INFO 2026-11-27 05:06:12,029 tiny_VllmServer:tiny dz -- Running tasks to download model files",
     "(Worker pid=15278) Loading safetensors checkpoint shards: 100% Completed",
     "INFO 2026-11-27 05:06:40,332 tiny_VllmServer:tiny dz -- Started vLLM engine.",
-    "INFO 2026-11-27 05:06:44,743 tiny_VllmServer:tiny dz req-1 -- CALL chat OK 3.2ms",
+    "INFO 2026-11-27 05:06:44,743 tiny_VllmServer:tiny dz req-1 -- POST /v1/chat/completions 200 3.2ms",
 ]
 
 
@@ -27,7 +27,7 @@ def test_merges_vllm_and_serve_lines_in_time_order_without_ray_markers() -> None
         "(Worker pid=15278) I",
         "(Worker pid=15278) I",
         "Started vLLM engine.",
-        "CALL chat OK 3.2ms",
+        "POST /v1/chat/comple",
     ]
 
 
@@ -49,6 +49,16 @@ def test_root_cause_skips_wrappers_and_strips_log_prefixes() -> None:
         "safetensors._safetensors_rust.SafetensorError: Error while deserializing header: header too large"
     )
     assert root_cause(lines[2:]) is None
+
+
+def test_root_cause_ignores_errors_quoted_as_advice_in_info_and_warning_lines() -> None:
+    advice = (
+        "(EngineCore pid=2) WARNING 11-27 05:09:40 [utils.py:1] Found ulimit of 1024 and failed to raise it; "
+        "this can cause fd limit errors like `OSError: [Errno 24] Too many open files`."
+    )
+    fatal = "ERROR 11-27 05:09:44 [core.py:1] ValueError: max_model_len (4096) is greater than the model's 2048"
+    assert root_cause([advice, fatal]) == "ValueError: max_model_len (4096) is greater than the model's 2048"
+    assert root_cause([advice]) is None
 
 
 def test_engine_failure_is_read_from_vllms_fatal_lines() -> None:
