@@ -57,7 +57,7 @@ ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_t
 config = load_config("llama2-7b-tp2-gpu")
 plan = plan_placement(config, ray.cluster_resources(), 4)
 app = get_engine(config.engine).build_application(config, config.model, plan)
-engine = app._bound_deployment.init_kwargs["llm_deployments"][config.name]._bound_deployment
+engine = app._bound_deployment
 bundles = engine._replica_config.placement_group_bundles
 strategy = engine._replica_config.placement_group_strategy
 group = placement_group(bundles, strategy=strategy)
