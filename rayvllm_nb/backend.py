@@ -12,7 +12,6 @@ import asyncio
 import html
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,6 +24,7 @@ import httpx
 from rayvllm_nb._internal import cluster as _cluster
 from rayvllm_nb._internal import logs as _logs
 from rayvllm_nb._internal.cluster import ClusterInfo
+from rayvllm_nb._internal.net import bind_error
 from rayvllm_nb._internal.placement import PlacementPlan, plan_placement
 from rayvllm_nb.config import ModelConfig, _looks_like_path, load_config
 from rayvllm_nb.engines import get_engine
@@ -436,15 +436,11 @@ def _resolve_model_source(model: str, cluster_is_local: bool) -> str:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            raise ConfigError(
-                f"Port {port} on {host} is already used by another program ({error.strerror}), so Serve cannot "
-                f"listen there. Stop that program or set another port (e.g. `--set port={port + 1}`)."
-            ) from None
+    if problem := bind_error(host, port):
+        raise ConfigError(
+            f"Port {port} on {host} is already used by another program ({problem}), so Serve cannot "
+            f"listen there. Stop that program or set another port (e.g. `--set port={port + 1}`)."
+        )
 
 
 def _serve_details() -> dict[str, Any] | None:

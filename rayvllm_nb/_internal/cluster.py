@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rayvllm_nb._internal.net import bind_error
 from rayvllm_nb._internal.paths import cache_root
 from rayvllm_nb.config import ClusterConfig
 from rayvllm_nb.errors import ClusterError
@@ -89,14 +90,11 @@ def check_can_start(config: ClusterConfig) -> None:
         )
     for key, port in config.listening_ports().items():
         host = config.dashboard_host if key == "dashboard_port" else "0.0.0.0"
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, port))
-            except OSError as error:
-                raise ClusterError(
-                    f"Port {port} ({key}) on {host} is already in use ({error.strerror}), so the head cannot "
-                    f"listen there. Stop the program using it, or pick another port (e.g. `--set {key}={port + 1}`)."
-                ) from None
+        if problem := bind_error(host, port):
+            raise ClusterError(
+                f"Port {port} ({key}) on {host} is already in use ({problem}), so the head cannot "
+                f"listen there. Stop the program using it, or pick another port (e.g. `--set {key}={port + 1}`)."
+            )
 
 
 def start_head(config: ClusterConfig) -> str:

@@ -1,0 +1,19 @@
+"""Whether a local port can be listened on, checked before starting what would listen there."""
+
+from __future__ import annotations
+
+import socket
+
+
+def bind_error(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound right now (e.g. "Address already in use"), or None.
+
+    SO_REUSEADDR, as servers set it: a port that only has connections in TIME_WAIT is free.
+    """
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
