@@ -226,8 +226,9 @@ async def _rayvllm_side(
     backend: RayBackend, config: ModelConfig, settings: dict[str, Any], round_index: int, seed: int,
     say: Callable[[str], None],
 ) -> SideRun:
-    cold = backend.cluster is None and _cluster._running_local_head() is None
-    say(f"round {round_index + 1}: rayvllm_nb deploying ({'cold: no Ray running' if cold else 'on the running cluster'})")
+    cold = backend.cluster is None and _cluster.local_head_address() is None
+    where = "cold: no Ray running" if cold else "on the running cluster"
+    say(f"round {round_index + 1}: rayvllm_nb deploying ({where})")
     started = time.perf_counter()
     await backend.initialize_ray()
     status = await backend.start_model(config, wait_ready=True)

@@ -169,7 +169,9 @@ class ClusterConfig(BaseModel):
         default_factory=dict, description="Custom resources this node offers, e.g. {accelerator_a10g: 4}."
     )
     min_worker_port: int = Field(default=10002, ge=1024, le=65535, description="Lowest port of Ray's worker processes.")
-    max_worker_port: int = Field(default=19999, ge=1024, le=65535, description="Highest port of Ray's worker processes.")
+    max_worker_port: int = Field(
+        default=19999, ge=1024, le=65535, description="Highest port of Ray's worker processes."
+    )
     token_auth: bool = Field(
         default=True,
         description="Require Ray's token authentication (the token in ~/.ray/auth_token, created if missing).",

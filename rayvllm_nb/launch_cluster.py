@@ -67,9 +67,22 @@ def stop() -> list[str]:
 
 
 def status(address: str | None = None) -> _cluster.ClusterReport:
-    """Nodes, resources and Serve applications of the cluster at ``address`` (default: this machine's)."""
+    """Nodes, resources and Serve applications of the cluster at ``address`` (default: the one
+    this process is connected to, else this machine's head). A process already connected to
+    Ray keeps its connection."""
     import ray
 
+    if ray.is_initialized():
+        from rayvllm_nb import ray_backend
+
+        gcs = ray.get_runtime_context().gcs_address
+        label = ray_backend.cluster.address if ray_backend.cluster is not None else gcs
+        if address not in (None, gcs, label):
+            raise ConfigError(
+                f"This process is connected to Ray at {label}, not {address}. Ask from a new process "
+                f"(`rayvllm cluster status --address {address}`) or call status() without an address."
+            )
+        return _cluster.describe_cluster(label)
     target = address or _cluster.running_head_address()
     _cluster.connect(target, num_cpus=None, num_gpus=None, start_local=False)
     try:
@@ -125,7 +138,7 @@ def start_autoscaler(source: str | Path, dry_run: bool = False) -> int:
         print("Would run: " + shlex.join(command))
         print(yaml.safe_dump(prepared, sort_keys=False), end="")
         return 0
-    _cluster._ensure_auth_token()
+    _cluster.ensure_auth_token()
     return subprocess.run(command, check=False, stdin=sys.stdin).returncode
 
 
@@ -134,7 +147,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     options = _config_options()
     start_parser = commands.add_parser("start", parents=[options], help="start a local Ray head from a config")
     start_parser.set_defaults(run=_start)
-    commands.add_parser("stop", parents=[options], help="stop the Ray processes of this machine").set_defaults(run=_stop)
+    stop_parser = commands.add_parser("stop", parents=[options], help="stop the Ray processes of this machine")
+    stop_parser.set_defaults(run=_stop)
     status_parser = commands.add_parser("status", parents=[options], help="nodes, resources, Serve applications")
     status_parser.add_argument("--address", default=argparse.SUPPRESS,
                                help="cluster address (default: the head on this machine)")
@@ -143,7 +157,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     address_parser.add_argument("--client", action="store_true", help="print the Ray Client (ray://) address")
     address_parser.set_defaults(run=_get_address)
     autoscaler = commands.add_parser("start-autoscaler", parents=[options], help="`ray up` a cluster-launcher YAML")
-    autoscaler.add_argument("--dry-run", action="store_true", help="validate, print the command and config, run nothing")
+    autoscaler.add_argument(
+        "--dry-run", action="store_true", help="validate, print the command and config, run nothing"
+    )
     autoscaler.set_defaults(run=_start_autoscaler)
 
 

@@ -61,7 +61,7 @@ def connect(address: str | None, num_cpus: int | None, num_gpus: int | None, sta
         return _describe("existing-local" if _is_this_machine(address) else "remote", address, dashboard)
     # "auto" (not the address itself) lets Ray pick up the local token of a head
     # started with token authentication, Ray's default for `ray start`.
-    running = _running_local_head()
+    running = local_head_address()
     if running:
         return _describe("existing-local", running, _init("auto"))
     if not start_local:
@@ -82,7 +82,7 @@ def start_local_cluster(num_cpus: int | None, num_gpus: int | None) -> str:
 
 def check_can_start(config: ClusterConfig) -> None:
     """Raise ClusterError before any process starts if this machine cannot host the head."""
-    running = _running_local_head()
+    running = local_head_address()
     if running:
         raise ClusterError(
             f"A Ray head already runs on this machine at {running}. Use it (`rayvllm cluster get-address`), "
@@ -110,7 +110,7 @@ def start_head(config: ClusterConfig) -> str:
         "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token" if config.token_auth else "disabled",
     }
     if config.token_auth:
-        _ensure_auth_token()
+        ensure_auth_token()
     with open(log_file, "ab") as log:
         # A new session keeps the daemons out of the caller's process group (Ctrl-C in a
         # notebook must not kill the cluster) and away from its stdout.
@@ -123,7 +123,7 @@ def start_head(config: ClusterConfig) -> str:
             f"Starting a local Ray head failed (exit {result.returncode}); its output is in {log_file}. "
             "Fix what it reports, or start one yourself with `ray start --head` and retry."
         )
-    address = _running_local_head()
+    address = local_head_address()
     if address is None:
         raise ClusterError(f"`ray start` reported success but no head answers; see {log_file}.")
     return address
@@ -239,7 +239,7 @@ def running_client_server_port() -> int:
 
 def running_head_address() -> str:
     """The GCS address of the Ray head running on this machine; ClusterError when none runs."""
-    address = _running_local_head()
+    address = local_head_address()
     if address is None:
         raise ClusterError(
             "No Ray head runs on this machine. Start one with `rayvllm cluster start --config "
@@ -275,7 +275,8 @@ class ClusterReport:
         for node in self.nodes:
             role = "head" if node.is_head else "worker"
             state = "alive" if node.alive else "dead"
-            lines.append(f"  {node.node_id[:12]}  {node.address:<15} {role:<6} {state:<5} {_format_resources(node.resources)}")
+            resources = _format_resources(node.resources)
+            lines.append(f"  {node.node_id[:12]}  {node.address:<15} {role:<6} {state:<5} {resources}")
         lines.append("Resources (free / total):")
         for key in sorted(self.total):
             lines.append(f"  {key:<22} {_amount(key, self.available.get(key, 0.0))} / {_amount(key, self.total[key])}")
@@ -374,7 +375,7 @@ def _ray_init(address: str) -> Any:
     raise AssertionError("unreachable")
 
 
-def _ensure_auth_token() -> None:
+def ensure_auth_token() -> None:
     """Create Ray's token file (~/.ray/auth_token) when no token is configured."""
     from ray._private.authentication.authentication_token_setup import generate_and_save_token
     from ray._raylet import AuthenticationTokenLoader
@@ -409,7 +410,7 @@ def _describe(mode: ClusterMode, address: str, dashboard: str | None) -> Cluster
     )
 
 
-def _running_local_head() -> str | None:
+def local_head_address() -> str | None:
     """The GCS address of a live head that `ray start` left on this machine, if any."""
     from ray._private.services import find_gcs_addresses
 

@@ -12,9 +12,9 @@ Serve's classic proxy the proxy forwards to the replica in one hop.
   model's secrets (the HF token, kept in the cluster's KV store) into its environment before
   vLLM starts, and builds the embedded tiny model on its own node.
 - ``ReplicaCallback`` keeps the secrets out of the runtime env of Serve LLM's download tasks
-  and loads them inside those tasks instead (and skips the tasks for a local model folder). Tokens thus never travel in a runtime env, which
-  Serve's app config, ``serve status``, ``ray list actors --detail`` and the runtime-env
-  agent's log would all show.
+  and loads them inside those tasks instead (and skips the tasks for a local model folder).
+  Tokens thus never travel in a runtime env, which Serve's app config, ``serve status``,
+  ``ray list actors --detail`` and the runtime-env agent's log would all show.
 """
 
 from __future__ import annotations
