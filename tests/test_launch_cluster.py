@@ -214,3 +214,4 @@ def test_stop_leaves_no_ray_process(head: dict[str, str]) -> None:
     again = launcher("stop")
     assert again.stdout.strip() == "No Ray processes were running on this machine."
     assert launcher("get-address").returncode == 1
+
