@@ -170,12 +170,13 @@ def stop_local_cluster() -> list[str]:
     """``ray stop`` for the local cluster, then end what Ray does not know it started;
     returns a description of each process that was running (empty when none was).
 
-    vLLM's engine-core and worker processes are children of Serve replicas but not Ray
-    workers: ``ray stop`` would leave them running, orphaned.
+    vLLM's engine-core and worker processes are children of Serve replicas, and Serve's
+    HAProxy is started by an actor, but none is a Ray worker: ``ray stop`` would leave them
+    running, orphaned (HAProxy keeping the Serve port).
     """
     import psutil
 
-    ray_processes, descendants = [], []
+    ray_processes, leftovers = [], []
     for process in psutil.process_iter(["name", "cmdline", "pid"]):
         try:
             kind = _ray_process_kind(process.info["name"] or "", process.info["cmdline"] or [])
@@ -183,7 +184,9 @@ def stop_local_cluster() -> list[str]:
                 continue
             ray_processes.append(f"{kind} (pid {process.info['pid']})")
             if kind == "raylet":
-                descendants += process.children(recursive=True)
+                leftovers += process.children(recursive=True)
+            elif kind == _SERVE_HAPROXY:
+                leftovers.append(process)
         except psutil.Error:
             continue
     with open(_log_dir() / "ray-stop.log", "ab") as log:
@@ -191,7 +194,7 @@ def stop_local_cluster() -> list[str]:
             [*_RAY_CLI, "stop", "--force"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, timeout=120, check=False,
         )
-    for process in descendants:
+    for process in leftovers:
         try:
             process.kill()
         except psutil.Error:
@@ -209,10 +212,15 @@ _RAY_DAEMONS = {
 }
 
 
+_SERVE_HAPROXY = "Serve HAProxy"
+
+
 def _ray_process_kind(name: str, cmdline: list[str]) -> str | None:
     """Which Ray daemon or worker a process is, from its name and command line."""
     if name in ("gcs_server", "raylet"):
         return name
+    if name == "haproxy" and any("/haproxy-serve/" in part for part in cmdline):
+        return _SERVE_HAPROXY
     if name.startswith("ray::"):
         return "worker " + name
     if cmdline and cmdline[0].startswith("ray-dashboard-"):

