@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from rayvllm_nb._internal import cluster as _cluster
+from rayvllm_nb._internal.net import address_host
 from rayvllm_nb.config import ClusterConfig, _find_config_file, _read_yaml, load_cluster_config
 from rayvllm_nb.errors import ConfigError, RayVllmError
 
@@ -52,7 +53,7 @@ class HeadNode:
 def start(config: ClusterConfig) -> HeadNode:
     """Start a local head from ``config``; every check (ports, a running head) happens first."""
     address = _cluster.start_head(config)
-    host = address.rpartition(":")[0]
+    host = address_host(address)
     dashboard_host = host if config.dashboard_host in ("0.0.0.0", "::") else config.dashboard_host
     return HeadNode(
         address=address,
@@ -222,7 +223,7 @@ def _status(args: argparse.Namespace) -> int:
 def _get_address(args: argparse.Namespace) -> int:
     address = get_address()
     if args.client:
-        address = f"ray://{address.rpartition(':')[0]}:{_cluster.running_client_server_port()}"
+        address = f"ray://{address_host(address)}:{_cluster.running_client_server_port()}"
     print(address)
     return 0
 

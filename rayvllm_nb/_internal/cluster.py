@@ -13,11 +13,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from rayvllm_nb._internal.net import bind_error
-from rayvllm_nb._internal.paths import cache_root
+from rayvllm_nb._internal.net import address_host, bind_error, free_port
+from rayvllm_nb._internal.paths import log_dir
 from rayvllm_nb.config import ClusterConfig
 from rayvllm_nb.errors import ClusterError
 
@@ -43,7 +42,7 @@ class ClusterInfo:
     @property
     def host(self) -> str:
         """The host part of the address (no scheme, no port)."""
-        return self.address.removeprefix("ray://").rpartition(":")[0] or self.address
+        return address_host(self.address)
 
     @property
     def is_local(self) -> bool:
@@ -77,7 +76,7 @@ def start_local_cluster(num_cpus: int | None, num_gpus: int | None) -> str:
     """A head with the defaults of an embedded cluster: all cores (or ``num_cpus``), no GPUs
     unless asked, the first free GCS port from 6379; returns its GCS address."""
     config = ClusterConfig(num_cpus=num_cpus if num_cpus is not None else os.cpu_count() or 1, num_gpus=num_gpus or 0)
-    return start_head(config.model_copy(update={"port": _free_port(config.port)}))
+    return start_head(config.model_copy(update={"port": free_port("127.0.0.1", config.port)}))
 
 
 def check_can_start(config: ClusterConfig) -> None:
@@ -103,7 +102,7 @@ def start_head(config: ClusterConfig) -> str:
     The daemons outlive the caller (detached, in their own session, output in a file).
     """
     check_can_start(config)
-    log_file = _log_dir() / f"ray-start-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_file = log_dir() / f"ray-start-{time.strftime('%Y%m%d-%H%M%S')}.log"
     # The user's own RAY_SERVE_* settings win over the direct-ingress defaults.
     env = {
         **(_DIRECT_INGRESS_ENV if config.serve_direct_ingress else {}), **os.environ,
@@ -189,7 +188,7 @@ def stop_local_cluster() -> list[str]:
                 leftovers.append(process)
         except psutil.Error:
             continue
-    with open(_log_dir() / "ray-stop.log", "ab") as log:
+    with open(log_dir() / "ray-stop.log", "ab") as log:
         subprocess.run(
             [*_RAY_CLI, "stop", "--force"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, timeout=120, check=False,
@@ -432,25 +431,8 @@ def local_head_address() -> str | None:
     return None
 
 
-def _free_port(preferred: int) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-                return probe.getsockname()[1]
-            except OSError:
-                continue
-    raise ClusterError("No free TCP port on 127.0.0.1 for a local Ray head.")
-
-
 def _is_this_machine(address: str) -> bool:
     from ray._private.services import get_node_ip_address
 
-    host = address.removeprefix("ray://").rpartition(":")[0] or address.removeprefix("ray://")
-    return host in ("127.0.0.1", "localhost", get_node_ip_address())
+    return address_host(address) in ("127.0.0.1", "localhost", get_node_ip_address())
 
-
-def _log_dir() -> Path:
-    folder = cache_root() / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder

@@ -17,3 +17,18 @@ def bind_error(host: str, port: int) -> str | None:
         except OSError as error:
             return error.strerror or str(error)
     return None
+
+
+def free_port(host: str, preferred: int | None = None) -> int:
+    """``preferred`` when it can be bound on ``host``, else a port the kernel picks."""
+    if preferred is not None and bind_error(host, preferred) is None:
+        return preferred
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def address_host(address: str) -> str:
+    """The host of ``host:port`` or ``ray://host:port`` (the text itself when it has no port)."""
+    bare = address.removeprefix("ray://")
+    return bare.rpartition(":")[0] or bare

@@ -12,3 +12,10 @@ def cache_root() -> Path:
     if explicit:
         return Path(explicit)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rayvllm_nb"
+
+
+def log_dir() -> Path:
+    """Where the processes rayvllm_nb starts (Ray heads, vLLM alone) write their output; created."""
+    folder = cache_root() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

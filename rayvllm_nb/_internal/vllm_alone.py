@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,8 @@ import httpx
 import psutil
 
 from rayvllm_nb._internal.logs import root_cause
-from rayvllm_nb._internal.paths import cache_root
+from rayvllm_nb._internal.net import free_port
+from rayvllm_nb._internal.paths import log_dir
 from rayvllm_nb.engines.serve_llm import _quiet_driver_imports
 from rayvllm_nb.errors import ConfigError, DeploymentError, ReadinessTimeout
 
@@ -115,9 +115,9 @@ class VllmAloneServer:
         self.engine_args = dict(engine_args)
         self.env = dict(env)
         self.host = host
-        self.port = port if port is not None else _free_port(host)
+        self.port = port if port is not None else free_port(host)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.log_file = log_file or cache_root() / "logs" / f"vllm-alone-{stamp}-{self.port}.log"
+        self.log_file = log_file or log_dir() / f"vllm-alone-{stamp}-{self.port}.log"
         self.pid: int | None = None
         self.time_to_ready_s: float | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -259,7 +259,3 @@ def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil
         time.sleep(0.1)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
