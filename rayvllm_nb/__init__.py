@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 
+from rayvllm_nb._internal.clients import async_openai_client, openai_client
 from rayvllm_nb._internal.facade import BRIDGE, blocking
-from rayvllm_nb.backend import ModelStatus, Progress, RayBackend, Status
+from rayvllm_nb.backend import RayBackend
 from rayvllm_nb.config import ModelConfig, available_configs, load_config
 from rayvllm_nb.errors import (
     ClusterError,
@@ -30,6 +31,7 @@ from rayvllm_nb.errors import (
     ReadinessTimeout,
 )
 from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, make_tiny_model
+from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress, Status
 
 if TYPE_CHECKING:
     from rayvllm_nb.bench import BenchReport
@@ -46,6 +48,7 @@ stop = blocking(ray_backend.stop_model)
 logs = blocking(ray_backend.get_logs)
 shutdown = blocking(ray_backend.shutdown)
 model_status = blocking(ray_backend.model_status)
+endpoint = blocking(ray_backend.endpoint)
 
 
 def bench(
@@ -81,20 +84,22 @@ def unload_ipython_extension(ipython: Any) -> None:
     unload(ipython)
 
 
-def client(name: str | None = None, **kwargs: object) -> openai.OpenAI:
-    """An ``openai.OpenAI`` client for the deployed model ``name`` (the only one if None)."""
-    return openai.OpenAI(base_url=model_status(name).base_url, api_key="not-needed", **kwargs)
+def client(name: str | None = None, **kwargs: Any) -> openai.OpenAI:
+    """An ``openai.OpenAI`` client for the deployed model ``name`` (the only one if None), with
+    the endpoint's API key when it has one."""
+    return openai_client(endpoint(name), **kwargs)
 
 
-def async_client(name: str | None = None, **kwargs: object) -> openai.AsyncOpenAI:
+def async_client(name: str | None = None, **kwargs: Any) -> openai.AsyncOpenAI:
     """An ``openai.AsyncOpenAI`` client for the deployed model ``name`` (the only one if None)."""
-    return openai.AsyncOpenAI(base_url=model_status(name).base_url, api_key="not-needed", **kwargs)
+    return async_openai_client(endpoint(name), **kwargs)
 
 
 __all__ = [
     "DEMO_PROMPT",
     "TINY_MODEL_REPLY",
     "ClusterError",
+    "ClusterInfo",
     "ConfigError",
     "DeploymentError",
     "ModelConfig",
@@ -109,6 +114,7 @@ __all__ = [
     "available_configs",
     "bench",
     "client",
+    "endpoint",
     "init",
     "load_config",
     "logs",

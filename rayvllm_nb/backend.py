@@ -1,21 +1,21 @@
-"""The orchestrator: one async ``RayBackend`` that owns the cluster connection and deployments.
+"""The orchestrator: one async ``RayBackend`` that owns the cluster connection and the deployments.
 
-Serve is the source of truth for what runs; the cluster's internal KV store keeps
-each deployment's public config (never its secrets) so that any process, a CLI
-call or a second notebook, sees the same models. Every Ray call blocks, so each
-runs in a worker thread: awaiting these methods never blocks the caller's loop.
+Serve is the source of truth for what runs; the registry (``_internal/registry``) keeps what
+Serve does not (each model's public config, what its replicas reported, how they ended), in the
+cluster's KV store, so that any process, a CLI call or a second notebook, sees the same models.
+Every Ray call blocks, so each runs in a worker thread: awaiting these methods never blocks the
+caller's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import html
-import json
+import importlib.metadata
+import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,100 +23,23 @@ import httpx
 
 from rayvllm_nb._internal import cluster as _cluster
 from rayvllm_nb._internal import logs as _logs
-from rayvllm_nb._internal.cluster import ClusterInfo
+from rayvllm_nb._internal import processes, ray_api, registry
+from rayvllm_nb._internal.clients import Endpoint
 from rayvllm_nb._internal.net import bind_error
-from rayvllm_nb._internal.placement import PlacementPlan, plan_placement
+from rayvllm_nb._internal.readiness import ReadinessWatcher
 from rayvllm_nb.config import ModelConfig, _looks_like_path, load_config
 from rayvllm_nb.engines import get_engine
 from rayvllm_nb.errors import ConfigError, DeploymentError, NotDeployedError, ReadinessTimeout
+from rayvllm_nb.placement import PlacementPlan, plan_placement
 from rayvllm_nb.tiny_model import TINY_MODEL_REF
+from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress, ReplicaInfo, Status
 
-_KV_NAMESPACE = "rayvllm_nb"
-_KV_PREFIX = "model:"
 _POLL_SECONDS = 0.5
-_LOG_POLL_SECONDS = 1.0
-_STARTING = "starting the engine"
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One step of a model's loading, reported while waiting for readiness."""
-
-    name: str
-    stage: str
-    elapsed_s: float
-    detail: str = ""
-
+SERVE_PORT_ENV = "RAYVLLM_NB_SERVE_PORT"
+"""Serve's port when a config sets none and Serve is not running yet (default 8000)."""
+_DEFAULT_HOST, _DEFAULT_PORT = "127.0.0.1", 8000
 
 ProgressCallback = Callable[[Progress], None]
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    """A deployed model as Serve sees it now."""
-
-    name: str
-    app_name: str
-    status: str
-    ready: bool
-    model: str
-    device: str
-    tensor_parallel_size: int
-    num_replicas: int
-    replica_states: dict[str, int]
-    base_url: str
-    message: str = ""
-    replica_actor_ids: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Status:
-    """The cluster and every model deployed through rayvllm_nb on it."""
-
-    cluster: ClusterInfo
-    serve_running: bool
-    http_address: str | None
-    models: list[ModelStatus] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [
-            f"cluster  {self.cluster.summary()}",
-            f"serve    {'http://' + self.http_address if self.http_address else 'not running'}",
-        ]
-        if not self.models:
-            lines.append("models   none")
-        for model in self.models:
-            replicas = ", ".join(f"{state}={count}" for state, count in sorted(model.replica_states.items())) or "-"
-            lines.append(
-                f"model    {model.name}: {model.status}{' (ready)' if model.ready else ''} "
-                f"device={model.device} tp={model.tensor_parallel_size} replicas[{replicas}] {model.base_url}"
-            )
-            if model.message and not model.ready:
-                lines.append(f"         {model.message.splitlines()[0]}")
-        return "\n".join(lines)
-
-
-    def _repr_html_(self) -> str:
-        head = (
-            f"<p><b>Ray</b> {html.escape(self.cluster.summary())} · <b>Serve</b> "
-            f"{html.escape('http://' + self.http_address) if self.http_address else 'not running'}</p>"
-        )
-        if not self.models:
-            return head + "<p>No model deployed.</p>"
-        columns = ["model", "status", "device", "TP", "replicas", "endpoint"]
-        rows = []
-        for model in self.models:
-            replicas = ", ".join(f"{state} {count}" for state, count in sorted(model.replica_states.items())) or "-"
-            color = "#080" if model.ready else "#b60"
-            cells = [
-                model.name, f"<span style='color:{color}'>{html.escape(model.status)}</span>", model.device,
-                str(model.tensor_parallel_size), replicas, model.base_url,
-            ]
-            rows.append("<tr>" + "".join(
-                f"<td>{cell if i == 1 else html.escape(cell)}</td>" for i, cell in enumerate(cells)
-            ) + "</tr>")
-        header = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
-        return head + f"<table>{header}{''.join(rows)}</table>"
 
 
 class RayBackend:
@@ -143,7 +66,11 @@ class RayBackend:
     ) -> ClusterInfo:
         """Connect to Ray once: this process's connection, ``address``/``RAY_ADDRESS``,
         a running local cluster, or a new detached local cluster (``num_cpus``/``num_gpus``
-        only apply to the latter; ``start_local=False`` raises ClusterError instead)."""
+        only apply to the latter; ``start_local=False`` raises ClusterError instead).
+
+        What a stopped cluster left on this machine (Serve's HAProxy, vLLM engines) is ended
+        first; ``ClusterInfo.reclaimed`` says what.
+        """
         return await asyncio.to_thread(self._connect, address, num_cpus, num_gpus, start_local)
 
     def _connect(
@@ -155,7 +82,7 @@ class RayBackend:
             if self._cluster is not None and ray.is_initialized():
                 return self._cluster
             if ray.is_initialized():
-                self._cluster = _cluster._describe("existing-local", ray.get_runtime_context().gcs_address, None)
+                self._cluster = _cluster.describe("existing-local", ray.get_runtime_context().gcs_address, None)
             else:
                 self._cluster = _cluster.connect(address, num_cpus, num_gpus, start_local)
             return self._cluster
@@ -173,8 +100,8 @@ class RayBackend:
         """Validate ``config``, deploy it on Serve and return its status (ready if ``wait_ready``).
 
         Everything that can be checked before deploying is: the config, the engine
-        arguments, the cluster's devices, Serve's address and the names and URL prefixes
-        already in use. ``replace=True`` stops a running model of the same name first.
+        arguments, the cluster's devices, Serve's address and API key, and the names and URL
+        prefixes already in use. ``replace=True`` stops a running model of the same name first.
         """
         model_config = load_config(config, overrides)
         cluster = await self.initialize_ray()
@@ -185,13 +112,11 @@ class RayBackend:
         return await self.model_status(model_config.name)
 
     def _deploy(self, config: ModelConfig, model_source: str, replace: bool) -> None:
-        from ray import serve
-
         resources, node_cpus = _cluster.cluster_resources()
         plan = plan_placement(config, resources, node_cpus)
         engine = get_engine(config.engine)
         engine.validate(config)
-        running = {record.name: record for record in _kv_records()}
+        running = {record.name: record for record in registry.models()}
         if config.name in running and not replace:
             raise ConfigError(
                 f"A model named {config.name!r} is already running. Stop it first, pass replace=True "
@@ -206,40 +131,54 @@ class RayBackend:
                 f"Route prefix {config.route_prefix!r} is already used by model {holder.name!r}. Give this model "
                 f"its own, e.g. route_prefix=/{_app_name(config.name)}, or stop that one."
             )
-        self._ensure_serve(config)
+        http = self._ensure_serve(config)
         if config.name in running:
             self._delete(running[config.name])
-        record = _DeploymentRecord.create(config, plan, engine.engine_deployment(config), self._cluster)
-        application = engine.build_application(config, model_source, plan)
+        record = _new_record(config, plan, engine.engine_deployment(config), http, self._cluster)
+        registry.put_model(record)
         try:
-            serve._run(application, _blocking=False, name=record.app_name, route_prefix=config.route_prefix)
+            application = engine.build_application(config, model_source, plan)
+            ray_api.deploy_without_waiting(application, record.app_name, config.route_prefix)
         except Exception:
             engine.release(config.name)
+            registry.forget_model(config.name)
             raise
-        _kv_put(record)
         self._started_here.add(config.name)
 
-    def _ensure_serve(self, config: ModelConfig) -> None:
-        """Start Serve on the config's host/port, or check that the running Serve uses them."""
+    def _ensure_serve(self, config: ModelConfig) -> tuple[str, int]:
+        """Start Serve on the config's host/port (or the defaults), or check that the running Serve
+        matches what the config asks for (address and API key); returns Serve's host and port."""
         from ray import serve
 
-        details = _serve_details()
+        details = ray_api.serve_details()
+        key = config.api_key.get_secret_value() if config.api_key else None
         if details is not None:
             http = details.get("http_options") or {}
-            running, asked = f"{http.get('host')}:{http.get('port')}", f"{config.host}:{config.port}"
-            if running != asked:
+            host, port = str(http.get("host")), int(http.get("port") or 0)
+            if serve_address(config, (host, port)) != (host, port):
                 raise ConfigError(
-                    f"Serve already runs on {running} but this config asks for {asked}. Serve's HTTP address "
-                    f"is fixed when it first starts: use host={http.get('host')!r} and port={http.get('port')}, "
-                    "or stop every model and Serve (`rayvllm stop --all`, then serve.shutdown()) first."
+                    f"Serve already runs on {host}:{port} but this config asks for {config.host or host}:"
+                    f"{config.port or port}. Serve's HTTP address is fixed when it first starts: leave host and "
+                    "port unset (or use the running ones), or stop every model and Serve first "
+                    "(`rayvllm stop --all`, then rayvllm_nb.shutdown())."
                 )
-            return
+            if key is not None and registry.api_key() != key:
+                raise ConfigError(
+                    f"Serve already runs on {host}:{port} "
+                    + ("with another API key" if registry.api_key() else "without an API key")
+                    + ": the key belongs to the endpoint and is set when Serve first starts. Leave api_key unset to "
+                    "use the endpoint's, or stop every model and Serve first."
+                )
+            return host, port
+        host, port = serve_address(config, None)
         if self._cluster is not None and self._cluster.is_local:
-            _check_port_free(config.host, config.port)
+            _check_port_free(host, port)
         # One proxy, on the head: the notebook's endpoint is one address (and nodes sharing a
         # machine, as in tests, would fight over the port).
-        serve.start(http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly")
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        registry.put_endpoint(registry.EndpointRecord(host, port, key is not None), key)
         self._serve_started_here = True
+        return host, port
 
     async def wait_for_ready(
         self, name: str | None = None, *, timeout: float = 900.0, on_progress: ProgressCallback | None = None
@@ -250,39 +189,40 @@ class RayBackend:
         fails, and :class:`ReadinessTimeout` if it is still loading after ``timeout`` s.
         """
         record = await self._record(name)
-        started = time.monotonic()
-        last_stage, log_stage, logs_checked = "", None, 0.0
-        async with httpx.AsyncClient(timeout=5.0) as http:
+        endpoint = await self.endpoint(record.name)
+        watcher = ReadinessWatcher(record.name, time.monotonic())
+        stage = ""
+        async with httpx.AsyncClient(timeout=5.0, headers=endpoint.headers) as http:
             while True:
                 status = await self.model_status(record.name)
-                stage = _stage(status)
-                failure = None
-                if status.status in ("DEPLOY_FAILED", "UNHEALTHY") or "failed to start" in status.message:
-                    failure = await asyncio.to_thread(_failure_reason, status.message)
-                elif stage == _STARTING and time.monotonic() - logs_checked > _LOG_POLL_SECONDS:
-                    # vLLM's own fatal lines come seconds before Serve notices the replica failed.
-                    logs_checked = time.monotonic()
+                now = time.monotonic()
+                lines = None
+                if watcher.wants_logs(status, now):
                     lines = await asyncio.to_thread(_replica_logs, status.replica_actor_ids, 400)
-                    log_stage = _logs.loading_stage(lines) or log_stage
-                    if _logs.engine_failed(lines):
-                        failure = _logs.root_cause(lines) or "the vLLM engine failed to start (see its logs)"
+                verdict = watcher.observe(status, lines, now)
+                failure = None
+                if status.status == "FAILED":
+                    failure = status.message
+                elif verdict.serve_failure is not None:
+                    failure = await asyncio.to_thread(_failure_reason, verdict.serve_failure)
+                elif verdict.engine_failure is not None:
+                    failure = verdict.engine_failure
                 if failure is not None:
                     await asyncio.to_thread(self._delete, record)
                     raise DeploymentError(
                         f"Model {record.name!r} failed to start and was removed (nothing of it is left running). "
                         f"vLLM/Serve reported: {failure}. Fix the config or the model files and start again."
                     )
-                if stage == _STARTING and log_stage:
-                    stage = f"{_STARTING}: {log_stage}"
-                if stage != last_stage and on_progress is not None:
-                    on_progress(Progress(record.name, stage, time.monotonic() - started))
-                last_stage = stage
-                if status.status == "RUNNING" and await _serves(http, status.base_url, record.name):
+                if verdict.progress is not None:
+                    stage = str(verdict.progress)
+                    if on_progress is not None:
+                        on_progress(verdict.progress)
+                if verdict.serve_running and await _serves(http, status.base_url, record.name):
                     ready = await self.model_status(record.name)
                     if on_progress is not None:
-                        on_progress(Progress(record.name, "ready", time.monotonic() - started))
+                        on_progress(watcher.ready(time.monotonic()))
                     return ready
-                if time.monotonic() - started > timeout:
+                if now - watcher.started_at > timeout:
                     raise ReadinessTimeout(
                         f"Model {record.name!r} was not ready after {timeout:.0f} s (stage: {stage}). It is still "
                         "deploying: call wait_for_ready() again, look at status() and logs, or stop_model() it."
@@ -295,33 +235,33 @@ class RayBackend:
         return await asyncio.to_thread(_replica_logs, status.replica_actor_ids, tail)
 
     async def get_status(self) -> Status:
-        """The cluster, Serve's HTTP address and every model deployed through rayvllm_nb."""
+        """The cluster, Serve's HTTP address, the versions running and every model deployed through rayvllm_nb."""
         cluster = await self.initialize_ray()
-        return await asyncio.to_thread(self._status, cluster)
+        return await asyncio.to_thread(_status, cluster)
 
-    def _status(self, cluster: ClusterInfo) -> Status:
-        details = _serve_details()
-        http = details.get("http_options", {}) if details else {}
-        models = [_status_of(record, details) for record in _kv_records()]
-        return Status(
-            cluster=cluster,
-            serve_running=details is not None,
-            http_address=f"{http.get('host')}:{http.get('port')}" if http else None,
-            models=models,
-        )
+    async def model_status(self, name: str | None = None) -> ModelStatus:
+        """Status of the model ``name`` (the only deployed one when None)."""
+        record = await self._record(name)
+        return await asyncio.to_thread(lambda: _status_of(record, ray_api.serve_details()))
+
+    async def endpoint(self, name: str | None = None) -> Endpoint:
+        """Where ``name`` answers and the API key it requires: what OpenAI clients need."""
+        record = await self._record(name)
+        return Endpoint(record.base_url, await asyncio.to_thread(registry.api_key))
 
     async def stop_model(self, name: str | None = None) -> str:
-        """Delete the model's Serve app (its replicas and placement groups); returns its name."""
+        """Delete the model's Serve app (its replicas and placement groups; running requests
+        get ``drain_timeout_s`` to finish); returns its name."""
         record = await self._record(name)
         await asyncio.to_thread(self._delete, record)
         return record.name
 
-    def _delete(self, record: _DeploymentRecord) -> None:
+    def _delete(self, record: registry.DeploymentRecord) -> None:
         from ray import serve
 
         serve.delete(record.app_name, _blocking=True)
         get_engine(record.config["engine"]).release(record.name)
-        _kv_delete(record.name)
+        registry.forget_model(record.name)
         self._started_here.discard(record.name)
 
     async def shutdown(self) -> None:
@@ -342,29 +282,26 @@ class RayBackend:
         with self._connect_lock:
             cluster, self._cluster = self._cluster, None
             try:
-                if self._serve_started_here and not _kv_records():
+                if self._serve_started_here and not registry.models():
                     serve.shutdown()
+                    registry.forget_endpoint()
                 self._serve_started_here = False
                 ray.shutdown()
             finally:
                 # The cluster this process started goes, whatever happened above.
                 if cluster is not None and cluster.mode == "started-local":
-                    _cluster.stop_local_cluster()
+                    _cluster.stop_started_heads(cluster.address)
 
-    async def model_status(self, name: str | None = None) -> ModelStatus:
-        """Status of the model ``name`` (the only deployed one when None)."""
-        record = await self._record(name)
-        return await asyncio.to_thread(lambda: _status_of(record, _serve_details()))
-
-    async def _record(self, name: str | None) -> _DeploymentRecord:
+    async def _record(self, name: str | None) -> registry.DeploymentRecord:
         await self.initialize_ray()
-        records = await asyncio.to_thread(_kv_records)
+        records = await asyncio.to_thread(registry.models)
         if name is None:
             if len(records) == 1:
                 return records[0]
             if not records:
                 raise NotDeployedError(
-                    "No model is deployed. Start one with start_model(config) or `rayvllm serve CONFIG`."
+                    "No model is deployed. Start one with rayvllm_nb.start(CONFIG), `%rayvllm start CONFIG` "
+                    "or `rayvllm serve CONFIG`."
                 )
             raise ConfigError(
                 f"Several models are deployed ({', '.join(r.name for r in records)}): name the one you mean."
@@ -376,39 +313,32 @@ class RayBackend:
         raise NotDeployedError(f"No model named {name!r} is deployed (running: {running}).")
 
 
-@dataclass(frozen=True)
-class _DeploymentRecord:
-    """What the KV store keeps per model: public config and where it serves."""
+def serve_address(config: ModelConfig, running: tuple[str, int] | None) -> tuple[str, int]:
+    """The host and port ``config`` asks Serve for: its own, else the running Serve's, else
+    127.0.0.1 and ``$RAYVLLM_NB_SERVE_PORT`` (8000 when unset)."""
+    default = running or (_DEFAULT_HOST, int(os.environ.get(SERVE_PORT_ENV) or _DEFAULT_PORT))
+    return config.host or default[0], config.port or default[1]
 
-    name: str
-    app_name: str
-    engine_deployment: str
-    base_url: str
-    device: str
-    bundles: list[dict[str, float]]
-    config: dict[str, Any]
-    started_at: float
 
-    @classmethod
-    def create(
-        cls, config: ModelConfig, plan: PlacementPlan, engine_deployment: str, cluster: ClusterInfo | None
-    ) -> _DeploymentRecord:
-        details = _serve_details() or {}
-        http = details.get("http_options") or {"host": config.host, "port": config.port}
-        host = config.endpoint_host or http["host"]
-        if host in ("0.0.0.0", "::", "localhost"):
-            host = cluster.host if cluster is not None and not cluster.is_local else "127.0.0.1"
-        prefix = "" if config.route_prefix == "/" else config.route_prefix
-        return cls(
-            name=config.name,
-            app_name=_app_name(config.name),
-            engine_deployment=engine_deployment,
-            base_url=f"http://{host}:{http['port']}{prefix}/v1",
-            device=plan.device,
-            bundles=plan.bundles,
-            config=config.public_dict(),
-            started_at=time.time(),
-        )
+def _new_record(
+    config: ModelConfig, plan: PlacementPlan, engine_deployment: str, http: tuple[str, int],
+    cluster: ClusterInfo | None,
+) -> registry.DeploymentRecord:
+    host, port = http
+    host = config.endpoint_host or host
+    if host in ("0.0.0.0", "::", "localhost"):
+        host = cluster.host if cluster is not None and not cluster.is_local else "127.0.0.1"
+    prefix = "" if config.route_prefix == "/" else config.route_prefix
+    return registry.DeploymentRecord(
+        name=config.name,
+        app_name=_app_name(config.name),
+        engine_deployment=engine_deployment,
+        base_url=f"http://{host}:{port}{prefix}/v1",
+        device=plan.device,
+        bundles=plan.bundles,
+        config=config.public_dict(),
+        started_at=time.time(),
+    )
 
 
 def _app_name(name: str) -> str:
@@ -436,6 +366,9 @@ def _resolve_model_source(model: str, cluster_is_local: bool) -> str:
 
 
 def _check_port_free(host: str, port: int) -> None:
+    """The Serve port must be free; what a stopped cluster left holding it is ended first."""
+    if bind_error(host, port):
+        processes.end_orphans()
     if problem := bind_error(host, port):
         raise ConfigError(
             f"Port {port} on {host} is already used by another program ({problem}), so Serve cannot "
@@ -443,20 +376,29 @@ def _check_port_free(host: str, port: int) -> None:
         )
 
 
-def _serve_details() -> dict[str, Any] | None:
-    """Serve's own view of its apps, deployments and replicas, as plain JSON data."""
-    from ray.serve.context import _get_global_client
+def _status(cluster: ClusterInfo) -> Status:
+    details = ray_api.serve_details()
+    http = (details or {}).get("http_options") or {}
+    models = [_status_of(record, details) for record in registry.models()]
+    vllm_versions = sorted({model.vllm_version for model in models if model.vllm_version})
+    return Status(
+        cluster=cluster,
+        serve_running=details is not None,
+        http_address=f"{http.get('host')}:{http.get('port')}" if http else None,
+        models=models,
+        versions={
+            "rayvllm_nb": importlib.metadata.version("rayvllm_nb"),
+            "Ray": cluster.ray_version,
+            "vLLM": ", ".join(vllm_versions) or "no replica running",
+        },
+    )
 
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
-        return None
-    return json.loads(json.dumps(client.get_serve_details(), default=lambda value: getattr(value, "value", str(value))))
 
-
-def _status_of(record: _DeploymentRecord, details: dict[str, Any] | None) -> ModelStatus:
+def _status_of(record: registry.DeploymentRecord, details: dict[str, Any] | None) -> ModelStatus:
     app = ((details or {}).get("applications") or {}).get(record.app_name)
     replica_states: dict[str, int] = {}
     actor_ids: list[str] = []
+    replica_state_by_id: dict[str, str] = {}
     messages = []
     deployment_statuses = []
     if app:
@@ -467,11 +409,21 @@ def _status_of(record: _DeploymentRecord, details: dict[str, Any] | None) -> Mod
             if deployment["name"] == record.engine_deployment:
                 for replica in deployment.get("replicas", []):
                     replica_states[replica["state"]] = replica_states.get(replica["state"], 0) + 1
+                    replica_state_by_id[replica.get("replica_id", "")] = replica["state"]
                     if replica.get("actor_id"):
                         actor_ids.append(replica["actor_id"])
+    replica_records = registry.replicas(record.name)
+    crashes = registry.crashes(replica_records, actor_ids)
     status = app["status"] if app else "NOT_RUNNING"
     if "UNHEALTHY" in deployment_statuses and status != "RUNNING":
         status = "UNHEALTHY"
+    target = record.config["num_replicas"]
+    if app and crashes.count and (status != "RUNNING" or replica_states.get("RUNNING", 0) < target):
+        status = "RESTARTING"
+    message = "\n".join(m for m in messages if m)
+    if record.failure:
+        status, message = "FAILED", record.failure
+    live = [r for r in replica_records if not r.ended and r.replica_id in replica_state_by_id]
     return ModelStatus(
         name=record.name,
         app_name=record.app_name,
@@ -480,11 +432,22 @@ def _status_of(record: _DeploymentRecord, details: dict[str, Any] | None) -> Mod
         model=record.config["model"],
         device=record.device,
         tensor_parallel_size=record.config["tensor_parallel_size"],
-        num_replicas=record.config["num_replicas"],
+        num_replicas=target,
         replica_states=replica_states,
         base_url=record.base_url,
-        message="\n".join(m for m in messages if m),
+        message=message,
         replica_actor_ids=tuple(actor_ids),
+        restarts=crashes.count,
+        last_failure=crashes.last_cause,
+        replicas=tuple(
+            ReplicaInfo(
+                replica_id=r.replica_id, state=replica_state_by_id[r.replica_id], node_ip=r.node_ip,
+                kv_cache_gib=None if r.kv_cache_bytes is None else r.kv_cache_bytes / 2**30,
+                kv_cache_choice=r.kv_cache_choice,
+            )
+            for r in live
+        ),
+        vllm_version=", ".join(sorted({r.vllm_version for r in live})),
     )
 
 
@@ -504,19 +467,6 @@ def _failure_reason(message: str) -> str:
     return cause or (message.strip().splitlines() or ["no reason given"])[-1]
 
 
-def _stage(status: ModelStatus) -> str:
-    if status.status == "RUNNING":
-        return "checking the endpoint"
-    states = status.replica_states
-    if not states:
-        return "creating the deployment"
-    if states.get("PENDING_ALLOCATION") or states.get("PENDING_MIGRATION"):
-        return "waiting for resources"
-    if states.get("STARTING"):
-        return _STARTING
-    return "deploying (" + ", ".join(sorted(states)) + ")"
-
-
 async def _serves(http: httpx.AsyncClient, base_url: str, name: str) -> bool:
     try:
         response = await http.get(f"{base_url}/models")
@@ -524,25 +474,3 @@ async def _serves(http: httpx.AsyncClient, base_url: str, name: str) -> bool:
         return False
     return response.status_code == 200 and any(m.get("id") == name for m in response.json().get("data", []))
 
-
-def _kv_put(record: _DeploymentRecord) -> None:
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    _internal_kv_put(_KV_PREFIX + record.name, json.dumps(record.__dict__), overwrite=True, namespace=_KV_NAMESPACE)
-
-
-def _kv_delete(name: str) -> None:
-    from ray.experimental.internal_kv import _internal_kv_del
-
-    _internal_kv_del(_KV_PREFIX + name, namespace=_KV_NAMESPACE)
-
-
-def _kv_records() -> list[_DeploymentRecord]:
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
-
-    records = []
-    for key in sorted(_internal_kv_list(_KV_PREFIX, namespace=_KV_NAMESPACE)):
-        raw = _internal_kv_get(key, namespace=_KV_NAMESPACE)
-        if raw:
-            records.append(_DeploymentRecord(**json.loads(raw)))
-    return records

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from rayvllm_nb._internal import cluster as _cluster
 from rayvllm_nb._internal.loadgen import make_prompts, run_load, warm_up
-from rayvllm_nb._internal.placement import plan_placement
+from rayvllm_nb.placement import plan_placement
 from rayvllm_nb._internal.vllm_alone import VllmAloneServer
 from rayvllm_nb.config import ModelConfig, load_config
-from rayvllm_nb.engines.serve_llm import engine_arguments
+from rayvllm_nb.engines import get_engine
 from rayvllm_nb.errors import ConfigError
 from rayvllm_nb.tiny_model import TINY_MODEL_REF, tiny_model_path
 
@@ -206,7 +206,7 @@ async def _vllm_alone_side(
     env = {**plan.env_vars, **config.env_vars}
     if config.hf_token is not None:
         env["HF_TOKEN"] = config.hf_token.get_secret_value()
-    server = VllmAloneServer(model_source, config.name, engine_arguments(config), env)
+    server = VllmAloneServer(model_source, config.name, get_engine(config.engine).engine_arguments(config), env)
     say(f"round {round_index + 1}: vLLM alone starting on {server.base_url}")
     with server:
         await asyncio.to_thread(server.start)

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import rayvllm_nb
 from rayvllm_nb import launch_cluster
 from rayvllm_nb._internal.chat import stream_chat_blocking
-from rayvllm_nb.backend import Progress
-from rayvllm_nb.errors import ConfigError, RayVllmError
+from rayvllm_nb.types import ClusterInfo, Progress
+from rayvllm_nb.errors import ClusterError, ConfigError, RayVllmError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,14 +88,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connect(args: argparse.Namespace) -> None:
-    """Connect to a running cluster; only `serve` and `demo` start one."""
-    rayvllm_nb.init(args.address, start_local=False)
+def _connect(args: argparse.Namespace, start_local: bool = False) -> ClusterInfo:
+    """Connect to the cluster (only `serve` and `demo` start one); say what a stopped cluster left
+    behind and connecting ended."""
+    cluster = rayvllm_nb.init(args.address, start_local=start_local)
+    if cluster.reclaimed:
+        print("Ended what a stopped Ray cluster left on this machine:", file=sys.stderr)
+        for description in cluster.reclaimed:
+            print(f"  {description}", file=sys.stderr)
+    return cluster
 
 
 def _serve(args: argparse.Namespace) -> int:
     config = rayvllm_nb.load_config(args.config, args.overrides)
-    rayvllm_nb.init(args.address)
+    _connect(args, start_local=True)
     status = rayvllm_nb.start(
         config, replace=args.replace, wait_ready=not args.no_wait, timeout=args.timeout, on_progress=_print_progress
     )
@@ -118,7 +124,7 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    cluster = rayvllm_nb.init(args.address, start_local=False)
+    cluster = _connect(args)
     if args.cluster and not cluster.is_local:
         raise ConfigError(f"--cluster only stops a Ray cluster on this machine; {cluster.address} is remote.")
     everything = args.all or (args.cluster and not args.name)
@@ -127,8 +133,12 @@ def _stop(args: argparse.Namespace) -> int:
         print(f"stopped {rayvllm_nb.stop(name)}")
     if args.cluster:
         rayvllm_nb.shutdown()
-        launch_cluster.stop()
-        print("stopped the local Ray cluster")
+        if not launch_cluster.stop(cluster.address):
+            raise ClusterError(
+                f"The Ray cluster at {cluster.address} was not started by rayvllm, so it is left running: "
+                "stop it with `ray stop` (it ends every Ray process of this machine's user)."
+            )
+        print(f"stopped the local Ray cluster at {cluster.address}")
     return 0
 
 
@@ -139,7 +149,7 @@ def _chat(args: argparse.Namespace) -> int:
         {"role": "user", "content": args.text}
     ]
     result = stream_chat_blocking(
-        model.base_url, model.name, messages,
+        rayvllm_nb.endpoint(model.name), model.name, messages,
         on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
         max_tokens=args.max_tokens, temperature=args.temperature,
     )
@@ -180,7 +190,7 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _print_progress(progress: Progress) -> None:
-    print(f"[{progress.elapsed_s:6.1f} s] {progress.name}: {progress.stage}", flush=True)
+    print(f"[{progress.elapsed_s:6.1f} s] {progress.name}: {progress}", flush=True)
 
 
 if __name__ == "__main__":

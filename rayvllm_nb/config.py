@@ -2,16 +2,21 @@
 
 A :class:`ModelConfig` names the model, how to place it (device, tensor parallelism)
 and how vLLM should run it; ``load_config`` is its one way in: it accepts a
-``ModelConfig``, a dict (the seed's plain dict works), a YAML path or the name of a
-file under ``configs/models/``, applies ``key=value`` overrides and turns every
-validation problem into one actionable :class:`~rayvllm_nb.errors.ConfigError`.
-A :class:`ClusterConfig` describes a local Ray head node; ``load_cluster_config``
-reads it the same way from ``configs/cluster/``.
+``ModelConfig``, a dict (the seed's plain dict works), a YAML path or a config name,
+applies ``key=value`` overrides and turns every validation problem into one
+actionable :class:`~rayvllm_nb.errors.ConfigError`. A :class:`ClusterConfig`
+describes a local Ray head node; ``load_cluster_config`` reads it the same way.
+
+Named configs come from the package itself (``rayvllm_nb/configs/{models,cluster}``,
+which a checkout also shows as ``configs/``), then ``./configs/<kind>`` of the current
+folder, ``~/.config/rayvllm_nb/<kind>`` and each folder of ``$RAYVLLM_NB_CONFIG_PATH``:
+a later folder's config wins over an earlier one of the same name.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -21,10 +26,13 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from rayvllm_nb._internal.paths import config_home
 from rayvllm_nb.errors import ConfigError
 from rayvllm_nb.tiny_model import TINY_MODEL_REF
 
-_REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ConfigKind = Literal["models", "cluster"]
+CONFIG_PATH_ENV = "RAYVLLM_NB_CONFIG_PATH"
+"""Folders (separated like PATH) whose ``models/`` and ``cluster/`` hold the user's own named configs."""
 
 
 class ModelConfig(BaseModel):
@@ -55,8 +63,15 @@ class ModelConfig(BaseModel):
     max_model_len: int | None = Field(
         default=None, gt=0, description="Context length; vLLM derives it from the model when unset."
     )
-    gpu_memory_utilization: float = Field(
-        default=0.9, gt=0.0, le=1.0, description="Fraction of each GPU's memory vLLM may use (GPU mode)."
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Fraction of each GPU's memory vLLM may use (vLLM's default when unset). In CPU mode vLLM reads it "
+            "as the share of the node's memory; unset there (and no cpu_kvcache_space_gb), each replica sizes "
+            "its KV cache to what its node has free."
+        ),
     )
     enforce_eager: bool = Field(default=False, description="Disable CUDA graphs / compilation (faster start).")
     trust_remote_code: bool = Field(default=False, description="Allow model repositories to run their own code.")
@@ -80,9 +95,12 @@ class ModelConfig(BaseModel):
         default=None,
         description="CPU cores each TP rank binds, e.g. '0|1' (CPU mode); split evenly when unset and TP > 1.",
     )
-    host: str = Field(
-        default="127.0.0.1",
-        description="Serve HTTP host (0.0.0.0 opens it to the network); fixed when Serve first starts.",
+    host: str | None = Field(
+        default=None,
+        description=(
+            "Serve's HTTP host (0.0.0.0 opens it to the network); unset: the running Serve's, else 127.0.0.1. "
+            "Fixed when Serve first starts."
+        ),
     )
     endpoint_host: str | None = Field(
         default=None,
@@ -91,9 +109,41 @@ class ModelConfig(BaseModel):
             "default: Serve's host, or the cluster address's host when Serve listens on all interfaces."
         ),
     )
-    port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP port; fixed when Serve first starts.")
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description=(
+            "Serve's HTTP port; unset: the running Serve's, else $RAYVLLM_NB_SERVE_PORT, else 8000. Fixed when "
+            "Serve first starts."
+        ),
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "API key every request but /health must send (`Authorization: Bearer KEY`). It belongs to the Serve "
+            "endpoint: set when Serve first starts, for every model on it; never shown."
+        ),
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="Name of an environment variable holding the API key (read when the config is loaded).",
+    )
     route_prefix: str = Field(
         default="/", description="URL prefix of this model's OpenAI API; each running model needs its own."
+    )
+    max_restarts: int = Field(
+        default=3,
+        ge=0,
+        description=(
+            "Crashes of the model's replicas (engine or replica process died) that Serve may restart within "
+            "10 minutes; one more and the model is stopped, its root cause kept in status."
+        ),
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a stopping replica (stop, replace, scale-down) lets running requests finish.",
     )
     engine: str = Field(default="serve-llm", description="Engine implementation, by registry name.")
     engine_kwargs: dict[str, Any] = Field(
@@ -109,6 +159,21 @@ class ModelConfig(BaseModel):
             return {k: str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, int | float) else v
                     for k, v in value.items()}
         return value
+
+    @model_validator(mode="after")
+    def _api_key_from_environment(self) -> ModelConfig:
+        if self.api_key_env is None:
+            return self
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ValueError(
+                f"api_key_env names {self.api_key_env!r}, which is not set in this environment: export it first"
+            )
+        if self.api_key is not None and self.api_key.get_secret_value() != value:
+            raise ValueError("set api_key or api_key_env, not both")
+        # validate_assignment would run this validator again: set the field directly.
+        self.__dict__["api_key"] = SecretStr(value)
+        return self
 
     @field_validator("route_prefix")
     @classmethod
@@ -130,10 +195,15 @@ class ModelConfig(BaseModel):
 
     def public_dict(self) -> dict[str, Any]:
         """The config as plain data with secrets masked: safe to log, show and store."""
-        data = self.model_dump(mode="json", exclude={"hf_token"})
-        data["hf_token"] = "**********" if self.hf_token else None
+        data = self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        data.update({key: _MASK if getattr(self, key) else None for key in SECRET_FIELDS})
         data["served_model_name"] = self.name
         return data
+
+
+SECRET_FIELDS = ("hf_token", "api_key")
+"""Config keys whose values are never shown, logged or stored in plain text."""
+_MASK = "**********"
 
 
 class ClusterConfig(BaseModel):
@@ -220,40 +290,23 @@ class ClusterConfig(BaseModel):
         return ports
 
 
-def load_cluster_config(
-    source: ClusterConfig | Mapping[str, Any] | str | os.PathLike[str],
-    overrides: Mapping[str, Any] | Iterable[str] | None = None,
-) -> ClusterConfig:
-    """Build a validated :class:`ClusterConfig` from a dict, a YAML path or a name under
-    ``configs/cluster/`` (e.g. ``"local_cpu"``), with ``key=value`` overrides."""
-    if isinstance(source, ClusterConfig):
-        data, origin = source.model_dump(), "the given ClusterConfig"
-    elif isinstance(source, Mapping):
-        data, origin = dict(source), "the given dict"
-    else:
-        path = _find_config_file(str(source), "cluster")
-        data, origin = _read_yaml(path), str(path)
-        if {"cluster_name", "provider"} & set(data):
-            raise ConfigError(
-                f"{path} is a Ray cluster-launcher file (it has cluster_name/provider), not a local head config. "
-                f"Start it with `rayvllm cluster start-autoscaler --config {path}`; `start` takes a config like "
-                "configs/cluster/local_cpu.yaml."
-            )
-    for key, value in _parse_overrides(overrides).items():
-        _set_dotted(data, key, value)
-    return _validate(ClusterConfig, data, origin)
-
-
 def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(model))
 
 
-def available_configs(kind: Literal["models", "cluster"] = "models") -> dict[str, Path]:
-    """Configs shipped with the project (and in ./configs/<kind>), by name."""
+def config_folders(kind: ConfigKind = "models") -> list[Path]:
+    """Folders searched for named configs of ``kind``, lowest precedence first (see the module docstring)."""
+    builtin = Path(os.fspath(importlib.resources.files("rayvllm_nb") / "configs" / kind))
+    extra = [Path(entry).expanduser() / kind for entry in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if entry]
+    return [builtin, Path.cwd() / "configs" / kind, config_home() / kind, *extra]
+
+
+def available_configs(kind: ConfigKind = "models") -> dict[str, Path]:
+    """Named configs of ``kind`` (``"models"`` or ``"cluster"``): name -> YAML file."""
     found: dict[str, Path] = {}
-    for folder in (_REPO_CONFIGS / kind, Path.cwd() / "configs" / kind):
+    for folder in config_folders(kind):
         if folder.is_dir():
-            found.update({p.stem: p for p in sorted(folder.glob("*.yaml"))})
+            found.update({path.stem: path for path in sorted(folder.glob("*.yaml"))})
     return found
 
 
@@ -263,42 +316,82 @@ def load_config(
 ) -> ModelConfig:
     """Build a validated :class:`ModelConfig`.
 
-    ``source`` is a ``ModelConfig``, a dict, a YAML file path, or a config name under
-    ``configs/models/`` (e.g. ``"tiny-cpu"``). ``overrides`` is a mapping or
+    ``source`` is a ``ModelConfig``, a dict, a YAML file path, or a config name (e.g.
+    ``"tiny-cpu"``; see :func:`available_configs`). ``overrides`` is a mapping or
     ``"key=value"`` strings (values parsed as YAML; ``engine_kwargs.max_num_seqs=8``
     sets a nested key).
     """
-    if isinstance(source, ModelConfig):
-        data = source.model_dump()
-        if source.hf_token is not None:
-            data["hf_token"] = source.hf_token.get_secret_value()
-        origin = "the given ModelConfig"
+    return _load(ModelConfig, "models", source, overrides)
+
+
+def load_cluster_config(
+    source: ClusterConfig | Mapping[str, Any] | str | os.PathLike[str],
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+) -> ClusterConfig:
+    """Build a validated :class:`ClusterConfig` from a dict, a YAML path or a config name
+    (e.g. ``"local_cpu"``), with ``key=value`` overrides."""
+    return _load(ClusterConfig, "cluster", source, overrides)
+
+
+_Config = TypeVar("_Config", ModelConfig, ClusterConfig)
+
+
+def _load(
+    kind: type[_Config],
+    folder: ConfigKind,
+    source: BaseModel | Mapping[str, Any] | str | os.PathLike[str],
+    overrides: Mapping[str, Any] | Iterable[str] | None,
+) -> _Config:
+    """The one way from a source to a validated config: source -> dict -> overrides -> validation."""
+    if isinstance(source, BaseModel):
+        data, origin = _plain_data(source), f"the given {type(source).__name__}"
     elif isinstance(source, Mapping):
         data, origin = dict(source), "the given dict"
     else:
-        path = _find_config_file(str(source), "models")
-        data, origin = _read_yaml(path), str(path)
+        path = find_config_file(str(source), folder)
+        data, origin = read_yaml(path), str(path)
+        if kind is ClusterConfig and {"cluster_name", "provider"} & set(data):
+            raise ConfigError(
+                f"{path} is a Ray cluster-launcher file (it has cluster_name/provider), not a local head config. "
+                f"Start it with `rayvllm cluster start-autoscaler --config {path}`; `start` takes a config like "
+                "configs/cluster/local_cpu.yaml."
+            )
     for key, value in _parse_overrides(overrides).items():
         _set_dotted(data, key, value)
-    return _validate(ModelConfig, data, origin)
+    return _validate(kind, data, origin)
 
 
-def _find_config_file(source: str, kind: Literal["models", "cluster"]) -> Path:
+def _plain_data(config: BaseModel) -> dict[str, Any]:
+    """A config's fields as plain data, secrets revealed (they are validated again right after)."""
+    data = config.model_dump()
+    for key, value in data.items():
+        if isinstance(value, SecretStr):
+            data[key] = value.get_secret_value()
+    return data
+
+
+def find_config_file(source: str, kind: ConfigKind) -> Path:
+    """The YAML file ``source`` names: a path, or a config name (ConfigError with "did you mean" otherwise)."""
     path = Path(source).expanduser()
     if path.is_file():
         return path
     named = available_configs(kind)
     if source in named:
         return named[source]
-    hint = difflib.get_close_matches(source, named, n=1)
     raise ConfigError(
-        f"Config {source!r} is neither a YAML file nor a known config name. "
-        + (f"Did you mean {hint[0]!r}? " if hint else "")
-        + f"Known configs: {', '.join(named) or 'none'}; or pass a path to a YAML file."
+        f"Config {source!r} is neither a YAML file nor a known config name{did_you_mean(source, named)}. "
+        f"Known configs: {', '.join(named) or 'none'}; or pass a path to a YAML file."
     )
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""`` when none is close."""
+    hint = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file's mapping (SafeLoader); ConfigError when it is not YAML or not a mapping."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -335,9 +428,6 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     target[leaf] = value
 
 
-_Config = TypeVar("_Config", bound=BaseModel)
-
-
 def _validate(kind: type[_Config], data: dict[str, Any], origin: str) -> _Config:
     try:
         return kind.model_validate(data)
@@ -353,12 +443,11 @@ def _validate(kind: type[_Config], data: dict[str, Any], origin: str) -> _Config
 def _describe(kind: type[BaseModel], problem: Mapping[str, Any]) -> str:
     location = ".".join(str(part) for part in problem["loc"])
     if problem["type"] == "extra_forbidden":
-        hint = difflib.get_close_matches(str(problem["loc"][-1]), kind.model_fields, n=1)
-        return f"unknown key {location!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        return f"unknown key {location!r}{did_you_mean(str(problem['loc'][-1]), kind.model_fields)}"
     if problem["type"] == "missing":
         return f"missing required key {location!r}"
     message = str(problem["msg"]).removeprefix("Value error, ")
     if not location:
         return message
-    shown = "**********" if location == "hf_token" else repr(problem.get("input"))
+    shown = _MASK if location in SECRET_FIELDS else repr(problem.get("input"))
     return f"{location}={shown}: {message}"

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import rayvllm_nb
 from rayvllm_nb._internal.chat import stream_chat_blocking
-from rayvllm_nb.backend import Progress
+from rayvllm_nb.types import Progress
 from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, tiny_model_path
 
 
@@ -38,7 +38,7 @@ def run_demo(config: str = "tiny-cpu", out: Callable[[str], None] = print) -> bo
 
         out(f"4/5 chat: {DEMO_PROMPT!r}")
         result = stream_chat_blocking(
-            status.base_url, status.name, [{"role": "user", "content": DEMO_PROMPT}],
+            rayvllm_nb.endpoint(status.name), status.name, [{"role": "user", "content": DEMO_PROMPT}],
             on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
         )
         out("")
@@ -56,4 +56,4 @@ def run_demo(config: str = "tiny-cpu", out: Callable[[str], None] = print) -> bo
 
 
 def _progress_line(progress: Progress) -> str:
-    return f"  [{progress.elapsed_s:5.1f} s] {progress.stage}"
+    return f"  [{progress.elapsed_s:5.1f} s] {progress}"

@@ -25,8 +25,9 @@ from typing import Any
 import yaml
 
 from rayvllm_nb._internal import cluster as _cluster
+from rayvllm_nb._internal import ray_api
 from rayvllm_nb._internal.net import address_host
-from rayvllm_nb.config import ClusterConfig, _find_config_file, _read_yaml, load_cluster_config
+from rayvllm_nb.config import ClusterConfig, find_config_file, load_cluster_config, read_yaml
 from rayvllm_nb.errors import ConfigError, RayVllmError
 
 __all__ = ["HeadNode", "get_address", "main", "start", "start_autoscaler", "status", "stop"]
@@ -47,7 +48,13 @@ class HeadNode:
             f"  Ray Client: rayvllm_nb.init({self.client_address!r})",
         ]
         lines.append(f"  dashboard:  {self.dashboard_url}" if self.dashboard_url else "  dashboard:  off")
+        lines.append(f"  plain Ray:  {plain_ray_hint(self.address)}")
         return "\n".join(lines)
+
+
+def plain_ray_hint(address: str) -> str:
+    """How a plain ``ray.init`` reaches a token-protected head: Ray sends its token only when told to."""
+    return f"RAY_AUTH_MODE=token python -c \"import ray; ray.init(address='{address}')\""
 
 
 def start(config: ClusterConfig) -> HeadNode:
@@ -62,9 +69,13 @@ def start(config: ClusterConfig) -> HeadNode:
     )
 
 
-def stop() -> list[str]:
-    """``ray stop`` on this machine (and vLLM processes of its replicas); returns what was running."""
-    return _cluster.stop_local_cluster()
+def stop(address: str | None = None) -> list[str]:
+    """Stop the heads rayvllm_nb started on this machine (the one at ``address`` if given), with
+    every process of theirs (Serve's HAProxy, vLLM engines); returns what was running.
+
+    A cluster started otherwise (``ray start`` by hand) is left alone: ``ray stop`` is its command.
+    """
+    return _cluster.stop_started_heads(address)
 
 
 def status(address: str | None = None) -> _cluster.ClusterReport:
@@ -101,18 +112,16 @@ def validate_autoscaler_config(source: str | Path) -> dict[str, Any]:
     """Read a Ray cluster-launcher YAML and check it as ``ray up`` would, with Ray's own schema;
     returns the config with Ray's defaults filled in."""
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
 
-    path = _find_config_file(str(source), "cluster")
-    raw = _read_yaml(path)
+    path = find_config_file(str(source), "cluster")
+    raw = read_yaml(path)
     if not {"cluster_name", "provider"} <= set(raw):
         raise ConfigError(
             f"{path} is not a Ray cluster-launcher file (it needs cluster_name and provider). A local head "
             f"config like this one starts with `rayvllm cluster start --config {path}`."
         )
     try:
-        prepared = prepare_config(copy.deepcopy(raw))
-        validate_config(prepared)
+        prepared = ray_api.validate_cluster_launcher_config(copy.deepcopy(raw))
     except jsonschema.ValidationError as error:
         where = "/".join(str(part) for part in error.absolute_path) or "top level"
         raise ConfigError(
@@ -126,7 +135,7 @@ def validate_autoscaler_config(source: str | Path) -> dict[str, Any]:
 
 def autoscaler_command(source: str | Path) -> list[str]:
     """The ``ray up`` command ``start-autoscaler`` runs for ``source``."""
-    path = _find_config_file(str(source), "cluster").resolve()
+    path = find_config_file(str(source), "cluster").resolve()
     return [sys.executable, "-m", "ray.scripts.scripts", "up", str(path), "--yes", "--no-config-cache"]
 
 
@@ -139,7 +148,7 @@ def start_autoscaler(source: str | Path, dry_run: bool = False) -> int:
         print("Would run: " + shlex.join(command))
         print(yaml.safe_dump(prepared, sort_keys=False), end="")
         return 0
-    _cluster.ensure_auth_token()
+    ray_api.ensure_auth_token()
     return subprocess.run(command, check=False, stdin=sys.stdin).returncode
 
 
@@ -148,7 +157,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     options = _config_options()
     start_parser = commands.add_parser("start", parents=[options], help="start a local Ray head from a config")
     start_parser.set_defaults(run=_start)
-    stop_parser = commands.add_parser("stop", parents=[options], help="stop the Ray processes of this machine")
+    stop_parser = commands.add_parser(
+        "stop", parents=[options], help="stop the Ray heads rayvllm started on this machine, and all their processes"
+    )
+    stop_parser.add_argument("--address", default=argparse.SUPPRESS, help="only the head at this GCS address")
     stop_parser.set_defaults(run=_stop)
     status_parser = commands.add_parser("status", parents=[options], help="nodes, resources, Serve applications")
     status_parser.add_argument("--address", default=argparse.SUPPRESS,
@@ -205,11 +217,11 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    stopped = stop()
+    stopped = stop(_option(args, "address"))
     if not stopped:
-        print("No Ray processes were running on this machine.")
+        print("No Ray head started by rayvllm runs on this machine (stop one started by hand with `ray stop`).")
         return 0
-    print(f"Stopped {len(stopped)} Ray process(es) on this machine:")
+    print(f"Stopped {len(stopped)} process(es) on this machine:")
     for description in stopped:
         print(f"  {description}")
     return 0
@@ -224,6 +236,8 @@ def _get_address(args: argparse.Namespace) -> int:
     address = get_address()
     if args.client:
         address = f"ray://{address_host(address)}:{_cluster.running_client_server_port()}"
+    # Scripts read the last line of stdout: the bare address. Plain Ray also needs the auth mode.
+    print(f"for plain Ray (token authentication is on): {plain_ray_hint(address)}", file=sys.stderr)
     print(address)
     return 0
 

@@ -8,7 +8,6 @@ in the cell that asked for it.
 from __future__ import annotations
 
 import argparse
-import queue
 import shlex
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from IPython.display import Markdown, display
 import rayvllm_nb
 from rayvllm_nb._internal.chat import stream_chat_blocking
 from rayvllm_nb._internal.facade import BRIDGE
-from rayvllm_nb.backend import Progress
+from rayvllm_nb.types import Progress
 from rayvllm_nb.config import available_configs
 from rayvllm_nb.errors import RayVllmError
 
@@ -122,7 +121,7 @@ class RayVllmMagics(Magics):
 
         try:
             result = stream_chat_blocking(
-                model.base_url, model.name, messages, on_text,
+                rayvllm_nb.endpoint(model.name), model.name, messages, on_text,
                 max_tokens=args.max_tokens, temperature=args.temperature,
             )
         except openai.APIError as error:  # the engine's answer to a bad request: one line
@@ -178,20 +177,9 @@ def _run_with_progress(start: Callable[[Callable[[Progress], None]], Any], title
     """Run ``start(on_progress)`` on the facade's loop; draw its progress from this thread."""
     from tqdm.auto import tqdm
 
-    events: queue.Queue[Progress] = queue.Queue()
-    future = BRIDGE.submit(start(events.put))
     bar = tqdm(total=None, desc=title, bar_format="{desc} [{elapsed}]")
     try:
-        while not future.done():
-            try:
-                progress = events.get(timeout=0.2)
-                bar.set_description_str(f"{title}: {progress.stage}")
-            except queue.Empty:
-                bar.refresh()
-        return future.result()
-    except KeyboardInterrupt:
-        future.cancel()
-        raise
+        return BRIDGE.pump(start, lambda progress: bar.set_description_str(f"{title}: {progress}"), bar.refresh)
     finally:
         bar.close()
 

@@ -18,8 +18,10 @@ import ipywidgets as widgets
 import openai
 
 from rayvllm_nb._internal.chat import stream_chat
+from rayvllm_nb._internal.clients import async_openai_client
 from rayvllm_nb._internal.facade import BRIDGE
-from rayvllm_nb.backend import ModelStatus, Progress, RayBackend
+from rayvllm_nb.backend import RayBackend
+from rayvllm_nb.types import Progress
 from rayvllm_nb.config import available_configs, load_config
 
 _REFRESH_S = 2.0
@@ -141,7 +143,7 @@ class Panel(widgets.VBox):
 
             def on_progress(progress: Progress) -> None:
                 nonlocal stage
-                stage = progress.stage
+                stage = str(progress)
                 show_progress()
 
             refresher = asyncio.ensure_future(self._refresh_while_loading(config.name, show_progress))
@@ -246,10 +248,10 @@ class Panel(widgets.VBox):
         self._set_buttons()
 
     async def _chat(self, name: str) -> None:
-        status: ModelStatus = await self._backend.model_status(name)
-        client = self._clients.get(status.base_url)
+        endpoint = await self._backend.endpoint(name)
+        client = self._clients.get(endpoint.base_url)
         if client is None:
-            client = self._clients[status.base_url] = openai.AsyncOpenAI(base_url=status.base_url, api_key="none")
+            client = self._clients[endpoint.base_url] = async_openai_client(endpoint)
         system = self.system_prompt.value.strip()
         messages = ([{"role": "system", "content": system}] if system else []) + self._messages
         reply = {"role": "assistant", "content": ""}

@@ -1,8 +1,13 @@
-"""Shared fixtures: one real local Ray cluster per session; deployments are module-scoped.
+"""Shared fixtures: the tests' own Ray cluster, started when the first test needs it and ended
+(exactly its own processes) when the session ends.
 
-A model load costs about a minute here, so each module that needs a running model
-deploys it once and stops it at the end (models never run side by side: a 2-core
-machine, and the default route prefix "/" is one model's).
+The head runs on free ports in a session of its own; ``RAY_ADDRESS`` and
+``RAYVLLM_NB_SERVE_PORT`` point every test, CLI process and notebook kernel at it, with Serve on
+a free port (8000 when free). A Ray cluster or vLLM server of the user's on this machine is never
+touched, and nothing of the tests' is left running afterwards.
+
+A model load costs about half a minute here, so modules that need a running model share one
+(``tiny``) or deploy their own once and stop it at the end.
 """
 
 from __future__ import annotations
@@ -13,44 +18,104 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 import rayvllm_nb
-from rayvllm_nb._internal.cluster import ClusterInfo
+from rayvllm_nb._internal.net import free_port
+from rayvllm_nb._internal.replica_env import MODEL_ENV
+from rayvllm_nb.types import ClusterInfo, ModelStatus
 
 REPO = Path(__file__).resolve().parent.parent
+SERVE_PORT_ENV = "RAYVLLM_NB_SERVE_PORT"
+_session: dict[str, str] = {}
 
 
-_NEEDS_A_MACHINE_WITHOUT_RAY = ("tests/test_launch_cluster.py", "notebooks/05_cluster.ipynb")
+def session_cluster_address() -> str:
+    """The tests' own head (started on first use); its address is also in RAY_ADDRESS."""
+    if "address" not in _session:
+        from rayvllm_nb._internal.cluster import start_head
+        from rayvllm_nb.config import ClusterConfig
+
+        config = ClusterConfig(
+            port=free_port("127.0.0.1"), ray_client_server_port=free_port("127.0.0.1"),
+            dashboard_port=free_port("127.0.0.1"), num_gpus=0, object_store_memory_gb=1,
+            # One logical CPU more than the cores: the shared model keeps running beside one
+            # that spans every core (TP=2 on 2 cores).
+            num_cpus=(os.cpu_count() or 1) + 1,
+            # Apart from the ranges of heads that tests start beside this one.
+            min_worker_port=21000, max_worker_port=29999,
+        )
+        _session["address"] = start_head(config)
+        os.environ["RAY_ADDRESS"] = _session["address"]
+        os.environ[SERVE_PORT_ENV] = str(free_port("127.0.0.1", 8000))
+    return _session["address"]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the cluster launcher's tests and notebook first: they start and stop their own head
-    and need a machine where the session's cluster has not started yet."""
-    def first(item: pytest.Item) -> int:
-        path = Path(str(item.path)).resolve().relative_to(REPO).as_posix()
-        return _NEEDS_A_MACHINE_WITHOUT_RAY.index(path) if path in _NEEDS_A_MACHINE_WITHOUT_RAY else 2
+def serve_port() -> int:
+    """The port the tests' Serve listens on."""
+    session_cluster_address()
+    return int(os.environ[SERVE_PORT_ENV])
 
-    items.sort(key=first)
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Slow tests and notebooks run against the tests' own cluster (fast ones never start it)."""
+    if item.get_closest_marker("slow") is not None or item.path.suffix == ".ipynb":
+        session_cluster_address()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the models, Serve and the head the tests started, and every process of that head."""
+    if "address" not in _session:
+        return
+    from rayvllm_nb._internal.cluster import stop_started_heads
+
+    try:
+        rayvllm_nb.shutdown()
+    finally:
+        stop_started_heads(_session.pop("address"))
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[ClusterInfo]:
-    """The local cluster (started when none runs; stopped at the end if started here)."""
-    info = rayvllm_nb.init()
+def cluster() -> ClusterInfo:
+    """This process connected to the tests' own cluster."""
+    session_cluster_address()
+    return rayvllm_nb.init()
+
+
+@pytest.fixture(scope="package")
+def shared_tiny(cluster: ClusterInfo) -> Iterator[ModelStatus]:
+    """One tiny model for every test that only needs a running model (and does not stop it);
+    stopped when the tests package ends, before the notebooks run."""
+    status = rayvllm_nb.start("tiny-cpu", ["served_model_name=shared-tiny", "route_prefix=/shared"],
+                              wait_ready=True, timeout=600)
     try:
-        yield info
+        yield status
     finally:
-        rayvllm_nb.shutdown()
+        if status.name in [m.name for m in rayvllm_nb.status().models]:
+            rayvllm_nb.stop(status.name)
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `rayvllm ARGS` in a new process, as a user in a terminal would."""
     return subprocess.run(
         [sys.executable, "-m", "rayvllm_nb.cli", *args],
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
+
+
+def model_processes(model: str, title: str | tuple[str, ...] = "VLLM::") -> list[psutil.Process]:
+    """The vLLM processes of one of our models (its replicas' engine core and workers), found by
+    the model name every replica's environment carries; never another program's vLLM."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        try:
+            if (process.info["name"] or "").startswith(title) and process.environ().get(MODEL_ENV) == model:
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
 
 
 def leftovers(app_name: str) -> dict[str, list[str]]:
@@ -61,5 +126,8 @@ def leftovers(app_name: str) -> dict[str, list[str]]:
         a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
         if a.class_name.startswith(f"ServeReplica:{app_name}:")
     ]
-    groups = [pg.name for pg in list_placement_groups(limit=1000) if pg.state != "REMOVED"]
+    groups = [
+        pg.name for pg in list_placement_groups(limit=1000, detail=True)
+        if pg.state != "REMOVED" and f"{app_name}#" in (pg.name or "")
+    ]
     return {"replica_actors": actors, "placement_groups": groups}

@@ -16,11 +16,11 @@ import openai
 import pytest
 
 import rayvllm_nb
-from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY, ModelStatus
-from rayvllm_nb._internal.cluster import ClusterInfo
+from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY, ModelStatus, Progress
+from rayvllm_nb.types import ClusterInfo
 from rayvllm_nb._internal.logs import LOADING_MARKERS
 from rayvllm_nb.errors import NotDeployedError
-from tests.conftest import leftovers, run_cli
+from tests.conftest import leftovers, model_processes, run_cli, serve_port
 
 pytestmark = pytest.mark.slow
 CHAT = [{"role": "user", "content": DEMO_PROMPT}]
@@ -32,16 +32,17 @@ PLANTED_TOKEN = "hf_plantedSecretToken0123456789"
 @pytest.fixture(scope="module")
 def tiny(cluster: ClusterInfo) -> Iterator[ModelStatus]:
     """The tiny model with a long context (for abandoned long requests) and a planted HF token."""
-    stages: list[str] = []
+    steps: list[Progress] = []
     status = rayvllm_nb.start(
         "tiny-cpu", ["max_model_len=2048", f"hf_token={PLANTED_TOKEN}"],
-        wait_ready=True, timeout=600, on_progress=lambda p: stages.append(p.stage),
+        wait_ready=True, timeout=600, on_progress=steps.append,
     )
     try:
+        stages = [step.stage for step in steps]
         assert stages[-1] == "ready" and "starting the engine" in stages
-        from_logs = [stage.split(": ", 1)[1] for stage in stages if stage.startswith("starting the engine: ")]
+        from_logs = [step.detail for step in steps if step.stage == "starting the engine" and step.detail]
         order = [stage for _, stage in LOADING_MARKERS]
-        assert len(from_logs) >= 2 and from_logs == sorted(from_logs, key=order.index), stages
+        assert len(from_logs) >= 2 and from_logs == sorted(from_logs, key=order.index), steps
         yield status
     finally:
         if status.name in [m.name for m in rayvllm_nb.status().models]:
@@ -52,18 +53,18 @@ def test_ready_status_names_model_device_and_endpoint(tiny: ModelStatus) -> None
     assert tiny.ready and tiny.status == "RUNNING"
     assert (tiny.name, tiny.device, tiny.tensor_parallel_size) == ("tiny", "cpu", 1)
     assert tiny.replica_states == {"RUNNING": 1}
-    assert tiny.base_url == "http://127.0.0.1:8000/v1"
+    assert tiny.base_url == f"http://127.0.0.1:{serve_port()}/v1"
 
 
 def test_chat_answers_the_known_sentence(tiny: ModelStatus) -> None:
-    reply = rayvllm_nb.client().chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=64)
+    reply = rayvllm_nb.client("tiny").chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=64)
     assert reply.choices[0].message.content == TINY_MODEL_REPLY
     assert reply.choices[0].finish_reason == "stop"
 
 
 def test_completions_with_the_chat_prompt_continue_with_the_known_sentence(tiny: ModelStatus) -> None:
     prompt = "<|begin|><|user|>Say hello.<|end|><|assistant|>"
-    reply = rayvllm_nb.client().completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=64)
+    reply = rayvllm_nb.client("tiny").completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=64)
     assert reply.choices[0].text == TINY_MODEL_REPLY
 
 
@@ -81,21 +82,21 @@ def test_streaming_arrives_in_order_and_ends_with_done(tiny: ModelStatus) -> Non
 
 
 def test_models_lists_the_served_name(tiny: ModelStatus) -> None:
-    assert [m.id for m in rayvllm_nb.client().models.list().data] == ["tiny"]
+    assert [m.id for m in rayvllm_nb.client("tiny").models.list().data] == ["tiny"]
 
 
 def test_status_shows_cluster_serve_and_the_model(tiny: ModelStatus, cluster: ClusterInfo) -> None:
     status = rayvllm_nb.status()
     assert status.cluster.address == cluster.address and status.serve_running
-    assert status.http_address == "127.0.0.1:8000"
-    assert [(m.name, m.status) for m in status.models] == [("tiny", "RUNNING")]
+    assert status.http_address == f"127.0.0.1:{serve_port()}"
+    assert ("tiny", "RUNNING") in [(m.name, m.status) for m in status.models]
     assert "tiny: RUNNING (ready)" in str(status)
 
 
 def test_blocking_facade_works_inside_a_running_event_loop(tiny: ModelStatus) -> None:
     async def notebook_cell() -> tuple[str, str]:
         blocking = rayvllm_nb.model_status("tiny").status
-        client = rayvllm_nb.async_client()
+        client = rayvllm_nb.async_client("tiny")
         reply = await client.chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=64)
         await client.close()
         return blocking, reply.choices[0].message.content
@@ -147,7 +148,7 @@ def test_errors_are_openai_shaped_with_the_right_status(
 
 
 def test_openai_client_raises_its_own_typed_errors(tiny: ModelStatus) -> None:
-    client = rayvllm_nb.client()
+    client = rayvllm_nb.client("tiny")
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=CHAT)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
@@ -164,7 +165,7 @@ def test_logs_hold_vllm_loading_lines_and_our_access_line(tiny: ModelStatus) -> 
     ).raise_for_status()
     deadline = time.monotonic() + 20
     while True:
-        lines = rayvllm_nb.logs(tail=2000)
+        lines = rayvllm_nb.logs("tiny", tail=2000)
         access = [line for line in lines if f"{request_id} -- POST /v1/chat/completions 200" in line]
         if access or time.monotonic() > deadline:
             break
@@ -172,11 +173,11 @@ def test_logs_hold_vllm_loading_lines_and_our_access_line(tiny: ModelStatus) -> 
     assert access, lines[-20:]
     loading = [i for i, line in enumerate(lines) if f"Starting to load model {tiny_model_path()}" in line]
     assert loading and loading[0] < lines.index(access[0])
-    assert len(rayvllm_nb.logs(tail=5)) == 5
+    assert len(rayvllm_nb.logs("tiny", tail=5)) == 5
 
 
 def test_cli_logs_prints_the_newest_lines_last(tiny: ModelStatus) -> None:
-    result = run_cli("logs", "-n", "30")
+    result = run_cli("logs", "tiny", "-n", "30")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 30 and any("-- POST /v1/chat/completions 200" in line for line in lines)
@@ -200,11 +201,11 @@ def test_disconnected_clients_free_their_requests(tiny: ModelStatus) -> None:
 
     asyncio.run(abandon_all())
     started = time.monotonic()
-    reply = rayvllm_nb.client().chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=64)
+    reply = rayvllm_nb.client("tiny").chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=64)
     assert time.monotonic() - started < 5.0
     assert reply.choices[0].message.content == TINY_MODEL_REPLY
     time.sleep(1)
-    idle = _engine_cpu_percent()
+    idle = _engine_cpu_percent(tiny.name)
 
     def one_live_request() -> None:
         body = {"model": "tiny", "messages": CHAT, "max_tokens": 1900, "ignore_eos": True}
@@ -213,17 +214,15 @@ def test_disconnected_clients_free_their_requests(tiny: ModelStatus) -> None:
     live = threading.Thread(target=one_live_request)
     live.start()
     time.sleep(1)
-    busy = _engine_cpu_percent()
+    busy = _engine_cpu_percent(tiny.name)
     live.join()
     assert busy > 60, f"one live request should keep the engine busy ({busy:.0f} % CPU): the check is blind"
     assert idle < 40, f"the engine still works for gone clients ({idle:.0f} % CPU; one live request: {busy:.0f} %)"
 
 
-def _engine_cpu_percent(window_s: float = 2.0) -> float:
-    """CPU use of the vLLM engine processes (engine core and workers) over ``window_s``."""
-    import psutil
-
-    processes = [p for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []).startswith("VLLM::")]
+def _engine_cpu_percent(model: str, window_s: float = 2.0) -> float:
+    """CPU use of the model's vLLM engine processes (engine core and workers) over ``window_s``."""
+    processes = model_processes(model)
     for process in processes:
         process.cpu_percent(None)
     time.sleep(window_s)
@@ -231,18 +230,17 @@ def _engine_cpu_percent(window_s: float = 2.0) -> float:
 
 
 def test_hf_token_reaches_the_engine_and_nowhere_else(tiny: ModelStatus) -> None:
-    import psutil
     from ray.util.state import list_actors
 
-    engines = [p for p in psutil.process_iter(["cmdline"]) if "VLLM::EngineCore" in " ".join(p.info["cmdline"] or [])]
-    assert engines and all(p.environ().get("HF_TOKEN") == PLANTED_TOKEN for p in engines)
+    from rayvllm_nb._internal.ray_api import serve_details
 
-    from rayvllm_nb.backend import _serve_details
+    engines = model_processes(tiny.name, "VLLM::EngineCore")
+    assert engines and all(p.environ().get("HF_TOKEN") == PLANTED_TOKEN for p in engines)
 
     places = {
         "status": repr(rayvllm_nb.status()) + str(rayvllm_nb.status()),
-        "logs": "\n".join(rayvllm_nb.logs(tail=5000)),
-        "serve details": json.dumps(_serve_details()),
+        "logs": "\n".join(rayvllm_nb.logs("tiny", tail=5000)),
+        "serve details": json.dumps(serve_details()),
         "actors": repr(list_actors(detail=True, limit=1000)),
         "ray list actors --detail": _run_module("ray.scripts.scripts", "list", "actors", "--detail"),
         "serve status": _run_module("ray.serve.scripts", "status"),
@@ -259,11 +257,8 @@ def test_hf_token_reaches_the_engine_and_nowhere_else(tiny: ModelStatus) -> None
 
 
 def test_health_is_503_when_the_engine_cannot_serve(tiny: ModelStatus) -> None:
-    import psutil
-
-    for process in psutil.process_iter(["cmdline"]):
-        if "VLLM::EngineCore" in " ".join(process.info["cmdline"] or []):
-            process.kill()
+    for process in model_processes(tiny.name, "VLLM::EngineCore"):
+        process.kill()
     deadline = time.monotonic() + 30
     while (code := httpx.get(_root(tiny) + "/health", timeout=30).status_code) != 503 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -282,15 +277,15 @@ def _run_module(module: str, *args: str) -> str:
 
 
 def _session_logs() -> str:
-    import ray
+    from rayvllm_nb._internal.ray_api import session_logs_dir
 
-    return ray._private.worker.global_worker.node.get_logs_dir_path()
+    return session_logs_dir()
 
 
 def test_stop_leaves_no_app_placement_group_or_replica_actor(tiny: ModelStatus) -> None:
     assert leftovers(tiny.app_name)["replica_actors"], "the running model should have replica actors"
-    assert rayvllm_nb.stop() == "tiny"
-    assert rayvllm_nb.status().models == []
+    assert rayvllm_nb.stop("tiny") == "tiny"
+    assert "tiny" not in [m.name for m in rayvllm_nb.status().models]
     from ray import serve
 
     assert tiny.app_name not in serve.status().applications

@@ -7,26 +7,21 @@ import shutil
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
-from rayvllm_nb._internal.cluster import ClusterInfo
+from rayvllm_nb.types import ClusterInfo
 from rayvllm_nb.errors import ConfigError, DeploymentError
 from rayvllm_nb.tiny_model import tiny_model_path
-from tests.conftest import leftovers
+from tests.conftest import leftovers, model_processes, serve_port
 
 pytestmark = pytest.mark.slow
 
 
 def _engine_processes() -> list[str]:
-    names = []
-    for process in psutil.process_iter(["cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
-        if command.startswith("VLLM::") or "ServeReplica:" in command:
-            names.append(command[:60])
-    return names
+    """The replica and vLLM processes of the model "tiny" (engine core, workers), by their environment."""
+    return [process.name() for process in model_processes("tiny", ("VLLM::", "ray::ServeReplica"))]
 
 
 def _answer(name: str) -> str:
@@ -44,7 +39,7 @@ def test_five_start_stop_cycles_leave_no_groups_actors_or_engines(cluster: Clust
             _refuses_conflicts_with_a_running_model()
         if cycle == 3:
             status = rayvllm_nb.start("tiny-cpu", ["enable_prefix_caching=false"], replace=True, wait_ready=True)
-            assert [m.name for m in rayvllm_nb.status().models] == ["tiny"]
+            assert [m.name for m in rayvllm_nb.status().models].count("tiny") == 1
             assert _answer("tiny") == TINY_MODEL_REPLY
         rayvllm_nb.stop("tiny")
         assert leftovers(status.app_name) == {"replica_actors": [], "placement_groups": []}, f"cycle {cycle}"
@@ -59,10 +54,10 @@ def _refuses_conflicts_with_a_running_model() -> None:
         rayvllm_nb.start("tiny-cpu")
     with pytest.raises(ConfigError, match="Route prefix '/' is already used by model 'tiny'"):
         rayvllm_nb.start("tiny-cpu", ["served_model_name=other"])
-    expected = "Serve already runs on 127.0.0.1:8000 but this config asks for 127.0.0.1:8123"
+    expected = f"Serve already runs on 127.0.0.1:{serve_port()} but this config asks for 127.0.0.1:8123"
     with pytest.raises(ConfigError, match=expected):
         rayvllm_nb.start("tiny-cpu", ["served_model_name=other", "route_prefix=/other", "port=8123"])
-    assert [m.name for m in rayvllm_nb.status().models] == ["tiny"]
+    assert [m.name for m in rayvllm_nb.status().models].count("tiny") == 1
 
 
 def _first_error_time(actor_ids: list[str]) -> float:
@@ -97,5 +92,5 @@ def test_corrupt_weights_fail_fast_with_vllms_error_and_leave_nothing(cluster: C
          if a.class_name.startswith("ServeReplica:broken-model:VllmServer")]
     )
     assert raised_at - first_failure <= 15.0, f"raised {raised_at - first_failure:.1f} s after the first failure"
-    assert rayvllm_nb.status().models == []
+    assert "broken-model" not in [m.name for m in rayvllm_nb.status().models]
     assert leftovers("broken-model") == {"replica_actors": [], "placement_groups": []}

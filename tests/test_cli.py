@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rayvllm_nb import TINY_MODEL_REPLY
-from rayvllm_nb._internal.cluster import ClusterInfo
-from tests.conftest import run_cli
+from rayvllm_nb.types import ClusterInfo
+from tests.conftest import run_cli, serve_port
 
 pytestmark = pytest.mark.slow
 
@@ -14,10 +14,10 @@ pytestmark = pytest.mark.slow
 def test_serve_chat_status_stop_across_processes(cluster: ClusterInfo) -> None:
     served = run_cli("serve", "tiny-cpu", "--set", "served_model_name=cli-tiny")
     assert served.returncode == 0, served.stderr
-    assert "cli-tiny ready at http://127.0.0.1:8000/v1" in served.stdout
+    assert f"cli-tiny ready at http://127.0.0.1:{serve_port()}/v1" in served.stdout
     assert "starting the engine" in served.stdout
     try:
-        chat = run_cli("chat", "Say hello.")
+        chat = run_cli("chat", "Say hello.", "--model", "cli-tiny")
         assert chat.returncode == 0, chat.stderr
         assert chat.stdout.strip() == TINY_MODEL_REPLY
         assert "TTFT" in chat.stderr
@@ -29,7 +29,7 @@ def test_serve_chat_status_stop_across_processes(cluster: ClusterInfo) -> None:
         stopped = run_cli("stop", "cli-tiny")
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stdout.strip() == "stopped cli-tiny"
-    assert "models   none" in run_cli("status").stdout
+    assert "cli-tiny" not in run_cli("status").stdout
 
 
 def test_bad_config_fails_before_anything_is_deployed(cluster: ClusterInfo) -> None:
@@ -39,10 +39,10 @@ def test_bad_config_fails_before_anything_is_deployed(cluster: ClusterInfo) -> N
     assert "Traceback" not in result.stderr
 
 
-def test_stop_without_a_deployment_says_so(cluster: ClusterInfo) -> None:
-    result = run_cli("stop")
+def test_stop_of_a_model_that_is_not_deployed_says_so(cluster: ClusterInfo) -> None:
+    result = run_cli("stop", "no-such-model")
     assert result.returncode == 1
-    assert "No model is deployed" in result.stderr
+    assert "No model named 'no-such-model' is deployed" in result.stderr
 
 
 def test_make_tiny_model_builds_into_the_given_path(tmp_path) -> None:

@@ -13,9 +13,22 @@ REPO = Path(__file__).resolve().parent.parent
 def test_seed_dict_is_accepted_with_defaults_for_the_rest() -> None:
     seed = {"model": "meta-llama/Llama-2-7b-chat-hf", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.9}
     config = load_config({**seed, "port": 8000})
-    assert config.tensor_parallel_size == 2
-    assert config.host == "127.0.0.1"
+    assert config.tensor_parallel_size == 2 and config.port == 8000
     assert config.name == "meta-llama/Llama-2-7b-chat-hf"
+
+
+def test_serve_address_is_the_configs_else_the_running_serves_else_loopback_8000(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rayvllm_nb.backend import SERVE_PORT_ENV, serve_address
+
+    monkeypatch.delenv(SERVE_PORT_ENV, raising=False)
+    unset = load_config({"model": "m"})
+    assert serve_address(unset, None) == ("127.0.0.1", 8000)
+    assert serve_address(unset, ("0.0.0.0", 9000)) == ("0.0.0.0", 9000)
+    assert serve_address(load_config({"model": "m", "port": 8123}), ("0.0.0.0", 9000)) == ("0.0.0.0", 8123)
+    monkeypatch.setenv(SERVE_PORT_ENV, "8765")
+    assert serve_address(unset, None) == ("127.0.0.1", 8765)
 
 
 def test_every_shipped_config_validates() -> None:
@@ -60,7 +73,7 @@ def test_bad_values_fail_with_the_key_and_value(key: str, value: object, fragmen
 
 
 def test_unknown_config_name_suggests_the_closest() -> None:
-    with pytest.raises(ConfigError, match="Did you mean 'tiny-cpu'"):
+    with pytest.raises(ConfigError, match="did you mean 'tiny-cpu'"):
         load_config("tiny-cup")
 
 

@@ -1,9 +1,7 @@
-"""The cluster launcher on real Ray processes: a head from local_cpu.yaml on non-default ports,
-a second node joining from this machine, the tiny model deployed, watched and stopped through
-the GCS address and through Ray Client (ray://).
-
-These tests need a machine where no Ray runs: conftest orders them before anything that
-starts the session's cluster.
+"""The cluster launcher on real Ray processes: a head from local_cpu.yaml on free ports, a
+second node joining from this machine, the tiny model deployed, watched and stopped through the
+GCS address and through Ray Client (ray://), and `cluster stop` ending exactly that head's
+processes (a user's vLLM beside it survives).
 """
 
 from __future__ import annotations
@@ -15,47 +13,45 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 
 from rayvllm_nb import TINY_MODEL_REPLY
-from rayvllm_nb._internal.cluster import _ray_process_kind
+from rayvllm_nb._internal import processes
+from rayvllm_nb._internal.net import free_port
 from tests.conftest import REPO, run_cli
 
-PORTS = {"port": 26379, "ray_client_server_port": 26380, "dashboard_port": 26381}
+def _distinct_free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        if (port := free_port("127.0.0.1")) not in ports:
+            ports.append(port)
+    return ports
+
+
+PORTS = dict(zip(("port", "ray_client_server_port", "dashboard_port"), _distinct_free_ports(3), strict=True))
 SETS = [arg for key, port in PORTS.items() for arg in ("--set", f"{key}={port}")]
 
 
-def launcher(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def launcher(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The seed's form: `python -m rayvllm_nb.launch_cluster ARGS`, in a new process."""
     return subprocess.run(
         [sys.executable, "-m", "rayvllm_nb.launch_cluster", *args],
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
 
 
-def ray_processes() -> list[str]:
-    """Ray daemons and workers alive on this machine, and vLLM engines of Serve replicas
-    (children of a Ray worker, or orphaned); a vLLM server of its own is not counted."""
-    found = []
-    for process in psutil.process_iter(["name", "cmdline", "ppid"]):
-        try:
-            name, cmdline = process.info["name"] or "", process.info["cmdline"] or []
-            kind = _ray_process_kind(name, cmdline)
-            if kind is None and name.startswith("VLLM::"):
-                parent = psutil.Process(process.info["ppid"])
-                kind = name if process.info["ppid"] == 1 or parent.name().startswith("ray::") else None
-        except psutil.Error:
-            continue
-        if kind is not None:
-            found.append(kind)
-    return found
+def head_sessions() -> list[int]:
+    """Sessions of the heads rayvllm_nb started on this machine (these tests must add none when they fail)."""
+    return sorted(record.session_id for record in processes.recorded_heads())
 
 
-def test_machine_has_no_ray_running_before_the_launcher_tests() -> None:
-    assert ray_processes() == [], "stop the Ray cluster on this machine (`rayvllm cluster stop`) and rerun"
+def listening(port: int) -> bool:
+    return any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp"))
 
 
 @pytest.mark.parametrize(
@@ -70,25 +66,31 @@ def test_machine_has_no_ray_running_before_the_launcher_tests() -> None:
 def test_bad_local_config_fails_before_any_process_starts(tmp_path: Path, yaml_text: str, message: str) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
+    before = head_sessions()
     result = launcher("--config", str(config), "start")
     assert result.returncode == 2, result.stdout
     assert message in result.stderr
-    assert ray_processes() == []
+    assert head_sessions() == before
 
 
 def test_a_taken_port_fails_before_any_process_starts() -> None:
+    before = head_sessions()
     with socket.socket() as squatter:
         squatter.bind(("0.0.0.0", PORTS["port"]))
         squatter.listen()
         result = run_cli("cluster", "start", "--config", "configs/cluster/local_cpu.yaml", *SETS)
     assert result.returncode == 1
     assert f"Port {PORTS['port']} (port) on 0.0.0.0 is already in use" in result.stderr
-    assert "--set port=26380" in result.stderr
-    assert ray_processes() == []
+    assert f"--set port={PORTS['port'] + 1}" in result.stderr
+    assert head_sessions() == before and not listening(PORTS["ray_client_server_port"])
 
 
 def test_get_address_without_a_cluster_fails_clearly() -> None:
-    result = launcher("get-address")
+    from rayvllm_nb._internal.cluster import local_head_address
+
+    if local_head_address() is not None:
+        pytest.skip("a Ray head runs on this machine: `get-address` would rightly find it")
+    result = launcher("get-address", env={"RAY_ADDRESS": ""})
     assert result.returncode == 1
     assert result.stdout == ""
     assert "No Ray head runs on this machine" in result.stderr
@@ -119,20 +121,24 @@ def test_autoscaler_dry_run_rejects_a_misspelled_key_through_rays_schema(tmp_pat
 
 @pytest.fixture(scope="module")
 def head() -> Iterator[dict[str, str]]:
-    """A head from local_cpu.yaml on non-default ports; everything on this machine is stopped after."""
+    """A head from local_cpu.yaml on free ports (and any node joined to it), stopped after: only its own processes."""
     started = launcher("--config", "configs/cluster/local_cpu.yaml", *SETS, "start")
+    joined: list[int] = []
     try:
         assert started.returncode == 0, started.stderr
-        address = run_cli("cluster", "get-address")
-        client = run_cli("cluster", "get-address", "--client")
-        assert address.returncode == 0 and client.returncode == 0, address.stderr + client.stderr
-        yield {"start": started.stdout, "address": address.stdout.strip(), "client": client.stdout.strip()}
+        address = started.stdout.split("Ray head started at ", 1)[1].split()[0]
+        client = run_cli("cluster", "get-address", "--client", env={"RAY_ADDRESS": address})
+        assert client.returncode == 0, client.stderr
+        yield {"start": started.stdout, "address": address, "client": client.stdout.strip().splitlines()[-1],
+               "client_stderr": client.stderr, "joined": joined}
     finally:
-        launcher("stop")
+        launcher("stop", "--address", address) if started.returncode == 0 else None
+        for session in joined:
+            processes.end_processes(processes.session_processes(session))
 
 
 @pytest.mark.slow
-def test_head_starts_with_the_configs_ports_and_a_local_dashboard(head: dict[str, str]) -> None:
+def test_head_starts_with_the_configs_ports_and_a_local_dashboard(head: dict[str, Any]) -> None:
     assert head["address"].endswith(f":{PORTS['port']}")
     assert head["client"] == f"ray://{head['address'].rpartition(':')[0]}:{PORTS['ray_client_server_port']}"
     assert f"Ray head started at {head['address']}" in head["start"]
@@ -148,7 +154,7 @@ def test_head_starts_with_the_configs_ports_and_a_local_dashboard(head: dict[str
     }
     assert dashboard_binds == {"127.0.0.1"}
 
-    status = launcher("status")
+    status = launcher("status", "--address", head["address"])
     assert status.returncode == 0, status.stderr
     assert f"Ray cluster {head['address']}: 1 node(s) alive" in status.stdout
     assert "object_store_memory    1.00 GiB / 1.00 GiB" in status.stdout
@@ -157,16 +163,35 @@ def test_head_starts_with_the_configs_ports_and_a_local_dashboard(head: dict[str
 
 
 @pytest.mark.slow
-def test_a_second_node_joins_from_this_machine(head: dict[str, str]) -> None:
-    joined = subprocess.run(
+def test_the_printed_plain_ray_line_connects_where_the_bare_address_is_refused(head: dict[str, Any]) -> None:
+    """`get-address` keeps the bare address as its last stdout line (scripts read it) and says on
+    stderr how plain Ray connects to a token-protected head: that line must work, the bare one not."""
+    address = run_cli("cluster", "get-address", env={"RAY_ADDRESS": head["address"]})
+    assert address.returncode == 0 and address.stdout.strip().splitlines()[-1] == head["address"]
+    hint = next(line for line in address.stderr.splitlines() if "plain Ray" in line)
+    command = hint.split(": ", 1)[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    works = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, env=env)
+    assert works.returncode == 0, works.stderr[-2000:]
+    bare = command.removeprefix("RAY_AUTH_MODE=token ")
+    refused = subprocess.run(["bash", "-c", bare], capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode != 0 and "auth" in refused.stderr.lower()
+    assert f"plain Ray:  RAY_AUTH_MODE=token" in head["start"]
+
+
+@pytest.mark.slow
+def test_a_second_node_joins_from_this_machine(head: dict[str, Any]) -> None:
+    joining = subprocess.Popen(
         [shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray", "start",
          f"--address={head['address']}", "--num-cpus=1", '--resources={"second_node": 1}',
          "--object-store-memory=500000000", "--min-worker-port=20002", "--max-worker-port=20999",
-         "--dashboard-agent-listen-port=26382", "--disable-usage-stats"],
-        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, start_new_session=True,
+         f"--dashboard-agent-listen-port={free_port('127.0.0.1')}", "--disable-usage-stats"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "RAY_AUTH_MODE": "token"},
     )
-    assert joined.returncode == 0, joined.stdout + joined.stderr
+    head["joined"].append(joining.pid)
+    output, _ = joining.communicate(timeout=180)
+    assert joining.returncode == 0, output
     status = run_cli("cluster", "status", "--address", head["address"])
     assert status.returncode == 0, status.stderr
     assert "2 node(s) alive" in status.stdout
@@ -175,11 +200,13 @@ def test_a_second_node_joins_from_this_machine(head: dict[str, str]) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_model_through_ray_client_and_the_gcs_address(head: dict[str, str]) -> None:
+def test_tiny_model_through_ray_client_and_the_gcs_address(head: dict[str, Any]) -> None:
     client, address = head["client"], head["address"]
-    served = run_cli("--address", client, "serve", "tiny-cpu", "--set", "served_model_name=cluster-tiny")
+    serve_port = str(free_port("127.0.0.1"))
+    served = run_cli("--address", client, "serve", "tiny-cpu", "--set", "served_model_name=cluster-tiny",
+                     "--set", f"port={serve_port}")
     assert served.returncode == 0, served.stderr
-    assert "cluster-tiny ready at http://127.0.0.1:8000/v1" in served.stdout
+    assert f"cluster-tiny ready at http://127.0.0.1:{serve_port}/v1" in served.stdout
     try:
         chat = run_cli("--address", address, "chat", "Say hello.")
         assert chat.returncode == 0, chat.stderr
@@ -205,13 +232,25 @@ def test_tiny_model_through_ray_client_and_the_gcs_address(head: dict[str, str])
 
 
 @pytest.mark.slow
-def test_stop_leaves_no_ray_process(head: dict[str, str]) -> None:
-    stopped = run_cli("cluster", "stop")
-    assert stopped.returncode == 0, stopped.stderr
-    assert "Ray process(es) on this machine" in stopped.stdout
-    assert "gcs_server" in stopped.stdout and "raylet" in stopped.stdout
-    assert ray_processes() == []
-    again = launcher("stop")
-    assert again.stdout.strip() == "No Ray processes were running on this machine."
-    assert launcher("get-address").returncode == 1
-
+def test_stop_ends_every_process_of_the_head_and_nothing_else(head: dict[str, Any]) -> None:
+    session = next(r.session_id for r in processes.recorded_heads() if r.address == head["address"])
+    kinds = [processes.ray_process_kind(p.name(), p.cmdline()) for p in processes.session_processes(session)]
+    assert {"gcs_server", "raylet", processes.SERVE_HAPROXY} <= set(kinds), kinds
+    # A user's own vLLM beside ours: same process title, not started by rayvllm_nb.
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import setproctitle, time; setproctitle.setproctitle('VLLM::EngineCore'); "
+         "time.sleep(600)"], start_new_session=True, stdin=subprocess.DEVNULL,
+    )
+    try:
+        stopped = run_cli("cluster", "stop", "--address", head["address"])
+        assert stopped.returncode == 0, stopped.stderr
+        assert "process(es) on this machine" in stopped.stdout
+        assert "gcs_server" in stopped.stdout and "raylet" in stopped.stdout and "Serve HAProxy" in stopped.stdout
+        assert processes.session_processes(session) == []
+        assert not listening(PORTS["port"]) and not listening(PORTS["dashboard_port"])
+        assert bystander.poll() is None, "a vLLM process rayvllm_nb did not start was ended"
+    finally:
+        bystander.kill()
+        bystander.wait()
+    again = launcher("stop", "--address", head["address"])
+    assert again.stdout.strip().startswith("No Ray head started by rayvllm runs on this machine")

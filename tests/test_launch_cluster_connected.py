@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import rayvllm_nb
-from rayvllm_nb._internal.cluster import ClusterInfo
+from rayvllm_nb.types import ClusterInfo
 from rayvllm_nb.errors import ConfigError
 
 

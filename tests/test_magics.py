@@ -12,7 +12,7 @@ from IPython.utils.capture import capture_output
 
 import rayvllm_nb
 from rayvllm_nb import TINY_MODEL_REPLY
-from rayvllm_nb._internal.cluster import ClusterInfo
+from rayvllm_nb.types import ClusterInfo
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +71,10 @@ def test_chat_cell_needs_text(ip: InteractiveShell) -> None:
 
 @pytest.mark.slow
 def test_missing_deployment_is_a_usage_error(ip: InteractiveShell, cluster: ClusterInfo) -> None:
-    assert rayvllm_nb.status().models == []
-    with pytest.raises(UsageError, match="No model is deployed"):
-        ip.run_line_magic("rayvllm", "stop")
-    with pytest.raises(UsageError, match="No model is deployed"):
-        ip.run_cell_magic("chat", "", "Say hello.")
+    with pytest.raises(UsageError, match="No model named 'nope' is deployed"):
+        ip.run_line_magic("rayvllm", "stop nope")
+    with pytest.raises(UsageError, match="No model named 'nope' is deployed"):
+        ip.run_cell_magic("chat", "--model nope", "Say hello.")
 
 
 @pytest.mark.slow
@@ -83,8 +82,8 @@ def test_init_and_status_render_html_and_text(ip: InteractiveShell, cluster: Clu
     info = ip.run_line_magic("rayvllm", "init")
     assert info.address == cluster.address
     status = ip.run_line_magic("rayvllm", "status")
-    assert "<p><b>Ray</b>" in status._repr_html_() and "No model deployed" in status._repr_html_()
-    assert "models   none" in str(status)
+    assert "<p><b>Ray</b>" in status._repr_html_() and cluster.address in status._repr_html_()
+    assert f"cluster  {cluster.address}" in str(status) and "versions rayvllm_nb" in str(status)
 
 
 @pytest.mark.slow
@@ -95,7 +94,7 @@ def test_start_no_wait_returns_before_the_model_is_ready(ip: InteractiveShell, c
     with capture_output() as captured:
         ip.run_line_magic("rayvllm", "stop nb-early")
     assert captured.stdout.strip() == "stopped nb-early"
-    assert rayvllm_nb.status().models == []
+    assert "nb-early" not in [model.name for model in rayvllm_nb.status().models]
 
 
 @pytest.mark.slow

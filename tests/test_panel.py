@@ -12,8 +12,8 @@ import pytest
 
 import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
-from rayvllm_nb._internal.cluster import ClusterInfo
-from tests.conftest import REPO
+from rayvllm_nb.types import ClusterInfo
+from tests.conftest import REPO, serve_port
 
 _CREATE_IN_A_FRESH_PROCESS = r"""
 import time
@@ -53,7 +53,7 @@ def test_launch_chat_and_stop_from_the_panel(cluster: ClusterInfo) -> None:
     assert panel.launch.disabled, "Launch must be disabled while loading"
     panel.wait(600)
     assert panel.error.value == "", panel.error.value
-    assert "tiny ready at http://127.0.0.1:8000/v1" in panel.progress.value
+    assert f"tiny ready at http://127.0.0.1:{serve_port()}/v1" in panel.progress.value
     assert "RUNNING" in panel.status.value and "<table>" in panel.status.value
     assert panel.log_tail.value.strip()
     assert "node(s)" in panel.cluster.value
@@ -81,6 +81,6 @@ def test_launch_chat_and_stop_from_the_panel(cluster: ClusterInfo) -> None:
     finally:
         panel.stop.click()
         panel.wait(120)
-    assert rayvllm_nb.status().models == []
-    assert panel.progress.value == "tiny stopped." and "No model deployed" in panel.status.value
+    assert "tiny" not in [model.name for model in rayvllm_nb.status().models]
+    assert panel.progress.value == "tiny stopped." and ">tiny<" not in panel.status.value
     assert (panel.launch.disabled, panel.stop.disabled, panel.send.disabled) == (False, True, True)

@@ -37,7 +37,7 @@ _PANEL_NOTEBOOK = {
         "cell_type": "code", "execution_count": None, "id": "panel", "metadata": {}, "outputs": [],
         "source": "import rayvllm_nb\nrayvllm_nb.panel()",
     }],
-    "metadata": {"kernelspec": {"name": "rayvllm-nb", "display_name": "rayvllm-nb (.venv)", "language": "python"}},
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}},
     "nbformat": 4, "nbformat_minor": 5,
 }
 

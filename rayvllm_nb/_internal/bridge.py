@@ -8,12 +8,15 @@ loop, and every blocking call runs the very coroutine the async API runs.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+Item = TypeVar("Item")
+_PUMP_WAIT_S = 0.05
 
 
 class LoopThread:
@@ -47,15 +50,38 @@ class LoopThread:
         """Run ``coroutine`` on the background loop and block until it finishes."""
         if threading.current_thread() is self._thread:
             coroutine.close()
-            raise RuntimeError(
-                "A blocking rayvllm_nb call was made from its own loop thread; await the async API there."
-            )
-        future = self.submit(coroutine)
+            self._refuse_own_thread()
+        return self.pump(lambda _: coroutine, lambda _: None)
+
+    def pump(
+        self,
+        start: Callable[[Callable[[Item], None]], Coroutine[Any, Any, T]],
+        on_item: Callable[[Item], None],
+        on_idle: Callable[[], None] | None = None,
+    ) -> T:
+        """Run ``start(put)`` on the background loop and block until it finishes, calling
+        ``on_item`` in *this* thread for each item the coroutine puts (and ``on_idle`` when
+        nothing came for a while): a notebook cell's output then lands in that cell.
+        Ctrl-C cancels the coroutine."""
+        if threading.current_thread() is self._thread:
+            self._refuse_own_thread()
+        items: queue.Queue[Item] = queue.Queue()
+        future = self.submit(start(items.put))
         try:
+            while not (future.done() and items.empty()):
+                try:
+                    on_item(items.get(timeout=_PUMP_WAIT_S))
+                except queue.Empty:
+                    if on_idle is not None:
+                        on_idle()
             return future.result()
         except KeyboardInterrupt:
             future.cancel()
             raise
+
+    @staticmethod
+    def _refuse_own_thread() -> None:
+        raise RuntimeError("A blocking rayvllm_nb call was made from its own loop thread; await the async API there.")
 
     @staticmethod
     def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:

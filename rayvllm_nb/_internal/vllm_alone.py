@@ -27,7 +27,7 @@ import psutil
 from rayvllm_nb._internal.logs import root_cause
 from rayvllm_nb._internal.net import free_port
 from rayvllm_nb._internal.paths import log_dir
-from rayvllm_nb.engines.serve_llm import _quiet_driver_imports
+from rayvllm_nb._internal.quiet_imports import quiet_driver_imports
 from rayvllm_nb.errors import ConfigError, DeploymentError, ReadinessTimeout
 
 _SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -84,7 +84,7 @@ def engine_cli_args(engine_args: dict[str, Any]) -> list[str]:
 @functools.cache
 def _engine_actions() -> dict[str, argparse.Action]:
     """vLLM's engine argument parser actions by name: the same ones its OpenAI server registers."""
-    with _quiet_driver_imports():
+    with quiet_driver_imports():
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
-
 from rayvllm_nb.engines.base import Engine
 from rayvllm_nb.engines.serve_llm import ServeLLMEngine
+from rayvllm_nb.config import did_you_mean
 from rayvllm_nb.errors import ConfigError
 
 _ENGINES: dict[str, type[Engine]] = {ServeLLMEngine.name: ServeLLMEngine}
@@ -21,11 +20,8 @@ def get_engine(name: str) -> Engine:
     try:
         return _ENGINES[name]()
     except KeyError:
-        hint = difflib.get_close_matches(name, _ENGINES, n=1)
         raise ConfigError(
-            f"Unknown engine {name!r}. "
-            + (f"Did you mean {hint[0]!r}? " if hint else "")
-            + f"Registered engines: {', '.join(sorted(_ENGINES))}."
+            f"Unknown engine {name!r}{did_you_mean(name, _ENGINES)}. Registered engines: {', '.join(sorted(_ENGINES))}."
         ) from None
 
 

@@ -1,44 +1,56 @@
 """Code that runs inside the Serve replicas of the ``serve-llm`` engine.
 
-Each replica is its model's HTTP ingress: Serve LLM's ``LLMServer`` builds vLLM's own
-OpenAI app around its running engine (``__serve_build_asgi_app__``), and Serve serves it
-from the replica itself. Under HAProxy mode (direct ingress) a request then goes HAProxy →
-the replica's own HTTP server → vLLM, with no Ray actor call per streamed chunk; under
-Serve's classic proxy the proxy forwards to the replica in one hop.
+Each replica is its model's HTTP ingress: Serve LLM's ``LLMServer`` builds vLLM's own OpenAI
+app around its running engine (``__serve_build_asgi_app__``), and Serve serves it from the
+replica itself. Under HAProxy mode (direct ingress) a request then goes HAProxy → the replica's
+own HTTP server → vLLM, with no Ray actor call per streamed chunk; under Serve's classic proxy
+the proxy forwards to the replica in one hop.
 
-- ``VllmServer`` adds to vLLM's app: ``GET /health`` answering 503 in OpenAI's error shape
-  when the engine cannot serve, 400s that name the request field, and 415 for a POST whose
-  body is not JSON. It loads the
-  model's secrets (the HF token, kept in the cluster's KV store) into its environment before
-  vLLM starts, and builds the embedded tiny model on its own node.
-- ``ReplicaCallback`` keeps the secrets out of the runtime env of Serve LLM's download tasks
-  and loads them inside those tasks instead (and skips the tasks for a local model folder).
-  Tokens thus never travel in a runtime env, which Serve's app config, ``serve status``,
-  ``ray list actors --detail`` and the runtime-env agent's log would all show.
+``VllmServer`` adds, before vLLM starts: the model's secrets (its HF token, from the cluster's
+KV store) in its environment, the embedded tiny model built on its own node, a KV cache sized
+to its node when the user sized none (CPU), and the refusal to start a model that keeps
+crashing (after ``max_restarts`` crashes it deletes its own app, with the cause in status).
+Around vLLM's app (pure ASGI, nothing per streamed chunk): the endpoint's API key, a fast
+OpenAI-shaped 503 with ``Retry-After`` once the engine is dead, ``GET /health`` (503 when the
+engine cannot serve), 400s naming the request field and 415 for a body that is not JSON. Each
+replica registers itself (node, vLLM version, KV cache) and how it ended: "stopped" when Serve
+stops it, "crashed" with vLLM's own cause when its engine died.
+
+``ReplicaCallback`` keeps the secrets out of the runtime env of Serve LLM's download tasks and
+loads them inside those tasks instead (and skips the tasks for a local model folder). Tokens
+thus never travel in a runtime env, which Serve's app config, ``serve status``, ``ray list
+actors --detail`` and the runtime-env agent's log would all show.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hmac
 import os
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
+import psutil
+import ray
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from ray.llm._internal.common.callbacks.base import CallbackBase
-from ray.llm._internal.serve.core.server.llm_server import LLMServer
-from ray.serve.llm import LLMConfig
+from ray import serve
+from ray.serve.llm import LLMConfig, LLMServer
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from rayvllm_nb.engines.serve_llm import SECRET_ENV_NAMES, SECRET_NAMESPACE, SECRET_REF_ENV
+from rayvllm_nb._internal import kv_cache, logs, ray_api, registry
+from rayvllm_nb._internal.replica_env import AUTO_KV_CACHE_ENV, MODEL_ENV, SECRET_ENV_NAMES, SECRET_REF_ENV
+from rayvllm_nb._internal.serve_haproxy import RETRY_AFTER_S
 from rayvllm_nb.tiny_model import TINY_MODEL_REF, tiny_model_path
 
 _HEALTH_TIMEOUT_S = 5.0
 _ERROR_TYPES = {
     400: "BadRequestError",
+    401: "AuthenticationError",
     404: "NotFoundError",
     415: "UnsupportedMediaTypeError",
     503: "ServiceUnavailableError",
@@ -49,15 +61,24 @@ class VllmServer(LLMServer):
     """``LLMServer`` serving vLLM's own OpenAI app as its replica's ingress (see the module docstring)."""
 
     async def __init__(self, llm_config: LLMConfig, **kwargs: Any) -> None:
+        self._model_name = os.environ[MODEL_ENV]
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
         load_secret_env()
-        if llm_config.model_loading_config.model_source == TINY_MODEL_REF:
-            loading = llm_config.model_loading_config.model_copy(
-                update={"model_source": str(await asyncio.to_thread(tiny_model_path))}
-            )
-            llm_config = llm_config.model_copy(update={"model_loading_config": loading})
-            # Serve LLM caches the engine config derived from the old source on first use.
-            llm_config._engine_config = None
+        await asyncio.to_thread(_refuse_a_crash_loop, self._model_name)
+        llm_config, self._kv_cache = await asyncio.to_thread(_prepare, llm_config)
+        self._api_key = await asyncio.to_thread(registry.api_key)
         await super().__init__(llm_config, **kwargs)
+        await asyncio.to_thread(self._register)
+
+    def _register(self) -> None:
+        import vllm
+
+        kv_bytes, kv_choice = self._kv_cache
+        registry.put_replica(self._model_name, registry.ReplicaRecord(
+            replica_id=self._replica_id, actor_id=ray.get_runtime_context().get_actor_id() or "",
+            node_ip=ray.util.get_node_ip_address(), pid=os.getpid(), started_at=time.time(),
+            vllm_version=vllm.__version__, kv_cache_bytes=kv_bytes, kv_cache_choice=kv_choice,
+        ))
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         app: FastAPI = await super().__serve_build_asgi_app__()
@@ -65,7 +86,12 @@ class VllmServer(LLMServer):
         app.router.routes.append(Route("/health", self._health, methods=["GET"]))
         app.add_exception_handler(RequestValidationError, _validation_error)
         app.add_middleware(JsonBodiesOnly)
+        app.add_middleware(ServingGuard, engine_dead=self._engine_dead, api_key=self._api_key)
         return app
+
+    def _engine_dead(self) -> bool:
+        client = getattr(self.engine, "_engine_client", None)
+        return bool(getattr(client, "errored", False))
 
     async def _health(self, request: Any) -> JSONResponse:
         """200 when the engine answers its health check, else 503 (OpenAI-shaped)."""
@@ -74,8 +100,93 @@ class VllmServer(LLMServer):
                 await self.check_health()
         except Exception as error:  # noqa: BLE001 - any failure means "cannot serve"
             reason = "timed out" if isinstance(error, TimeoutError) else f"{type(error).__name__}: {error}"
-            return error_response(503, f"The engine cannot serve: {reason}")
+            return error_response(503, f"The engine cannot serve: {reason}", retry_after=True)
         return JSONResponse({"status": "ok"})
+
+    async def check_health(self) -> None:
+        """Serve's health check: when the engine is dead, record the crash (with vLLM's cause) first."""
+        try:
+            await super().check_health()
+        except BaseException as error:
+            if self._engine_dead():
+                await asyncio.to_thread(self._record_crash, error)
+            raise
+
+    def _record_crash(self, error: BaseException) -> None:
+        actor_id = ray.get_runtime_context().get_actor_id() or ""
+        lines = logs.fetch_actor_logs(actor_id, 400) if actor_id else []
+        cause = logs.root_cause(lines) or logs.engine_death(lines) or f"{type(error).__name__}: {error}"
+        registry.end_replica(self._model_name, self._replica_id, "crashed", f"vLLM's engine died: {cause}")
+
+    async def __del__(self) -> None:
+        """Serve stops this replica (stop, replace, scale-down, or after a failed health check)."""
+        await asyncio.to_thread(registry.end_replica, self._model_name, self._replica_id, "stopped")
+        await super().__del__()
+
+
+def _refuse_a_crash_loop(model_name: str) -> None:
+    """Before loading: a model whose replicas crashed more than ``max_restarts`` times in the last
+    ten minutes is stopped (its app deleted) with the cause in its record, instead of restarting."""
+    record = registry.model(model_name)
+    if record is None:
+        return
+    deployment = next(
+        (d for app in ((ray_api.serve_details() or {}).get("applications") or {}).values()
+         for d in (app.get("deployments") or {}).values() if d.get("name") == record.engine_deployment),
+        {},
+    )
+    live = [replica.get("actor_id") for replica in deployment.get("replicas", []) if replica.get("actor_id")]
+    crashes = registry.crashes(registry.replicas(model_name), live)
+    for gone in crashes.vanished:
+        registry.end_replica(model_name, gone.replica_id, "crashed", crashes.last_cause)
+    limit = int(record.config.get("max_restarts", 3))
+    if crashes.recent <= limit:
+        return
+    failure = (
+        f"stopped after {crashes.recent} crashes within {registry.RESTART_WINDOW_S / 60:.0f} minutes "
+        f"(max_restarts={limit}); the last: {crashes.last_cause}"
+    )
+    registry.mark_failed(model_name, failure)
+    threading.Thread(target=serve.delete, args=(record.app_name,), kwargs={"_blocking": False}, daemon=True).start()
+    raise RuntimeError(f"Model {model_name!r} {failure}")
+
+
+def _prepare(llm_config: LLMConfig) -> tuple[LLMConfig, tuple[int | None, str]]:
+    """The tiny model's real folder, and the KV cache this node can hold when the user sized none."""
+    loading = llm_config.model_loading_config
+    update: dict[str, Any] = {}
+    if loading.model_source == TINY_MODEL_REF:
+        update["model_loading_config"] = loading.model_copy(update={"model_source": str(tiny_model_path())})
+    engine_kwargs = dict(llm_config.engine_kwargs)
+    choice: tuple[int | None, str] = _reported_kv_cache(engine_kwargs)
+    if os.environ.get(AUTO_KV_CACHE_ENV):
+        source = (update.get("model_loading_config") or loading).model_source
+        model_dir = Path(source) if isinstance(source, str) and os.path.isdir(source) else None
+        size, reason = kv_cache.choose(
+            model_dir, engine_kwargs, int(engine_kwargs.get("tensor_parallel_size", 1)),
+            psutil.virtual_memory().available,
+        )
+        engine_kwargs["kv_cache_memory_bytes"] = size
+        update["engine_kwargs"] = engine_kwargs
+        choice = (size, f"auto: {reason}")
+    if not update:
+        return llm_config, choice
+    llm_config = llm_config.model_copy(update=update)
+    # Serve LLM caches the engine config derived from the old source and arguments on first use.
+    llm_config._engine_config = None
+    return llm_config, choice
+
+
+def _reported_kv_cache(engine_kwargs: dict[str, Any]) -> tuple[int | None, str]:
+    """What the user's own settings make the KV cache, for status."""
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        size = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * 2**30
+        return size, f"{size / 2**30:.2f} GiB per rank (cpu_kvcache_space_gb)"
+    if engine_kwargs.get("kv_cache_memory_bytes"):
+        size = int(engine_kwargs["kv_cache_memory_bytes"])
+        return size, f"{size / 2**30:.2f} GiB per rank (kv_cache_memory_bytes)"
+    share = engine_kwargs.get("gpu_memory_utilization")
+    return None, f"vLLM's, {share} of memory" if share else "vLLM's default"
 
 
 async def _validation_error(request: Any, error: RequestValidationError) -> JSONResponse:
@@ -86,6 +197,34 @@ async def _validation_error(request: Any, error: RequestValidationError) -> JSON
     where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
     message = f"{problem.get('msg', 'invalid request')}" + (f" (at {where})" if where else "")
     return error_response(400, message, where or None)
+
+
+class ServingGuard:
+    """Pure ASGI middleware in front of vLLM's app (nothing per streamed chunk).
+
+    With an API key, every route but ``/health`` answers 401 without ``Authorization: Bearer KEY``.
+    Once the engine is dead, every route but ``/health`` answers 503 with ``Retry-After`` at once
+    (vLLM's app would fail each request on its own; Serve replaces this replica).
+    """
+
+    def __init__(self, app: ASGIApp, engine_dead: Any, api_key: str | None) -> None:
+        self.app = app
+        self._engine_dead = engine_dead
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health" and not scope["path"].startswith("/-/"):
+            if self._expected is not None:
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, self._expected):
+                    message = "Missing or wrong API key: send it as `Authorization: Bearer KEY` (the OpenAI client's api_key)."
+                    await error_response(401, message)(scope, receive, send)
+                    return
+            if self._engine_dead():
+                message = f"The model's engine stopped; a new replica is starting. Retry in {RETRY_AFTER_S} s."
+                await error_response(503, message, retry_after=True)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class JsonBodiesOnly:
@@ -104,7 +243,7 @@ class JsonBodiesOnly:
         await self.app(scope, receive, send)
 
 
-class ReplicaCallback(CallbackBase):
+class ReplicaCallback(ray_api.serve_llm_callback_base()):  # type: ignore[misc]
     """Serve LLM callback: download tasks fetch the secrets themselves, not via their runtime env;
     a model folder already on this node needs no download task at all (one Ray task, ~10 s here)."""
 
@@ -122,20 +261,20 @@ class ReplicaCallback(CallbackBase):
 
 def load_secret_env() -> None:
     """Put the model's secrets (named by ``RAYVLLM_NB_SECRET_REF``) into ``os.environ``."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
     ref = os.environ.get(SECRET_REF_ENV)
     if not ref:
         return
-    raw = _internal_kv_get(ref, namespace=SECRET_NAMESPACE)
-    if raw is None:
+    secrets = registry.model_secrets(ref)
+    if secrets is None:
         raise RuntimeError(f"The secrets of this model ({SECRET_REF_ENV}) are gone from the cluster's KV store.")
-    os.environ.update(json.loads(raw))
+    os.environ.update(secrets)
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    """An OpenAI-shaped error body with ``status``."""
+def error_response(status: int, message: str, param: str | None = None, *, retry_after: bool = False) -> JSONResponse:
+    """An OpenAI-shaped error body with ``status`` (and ``Retry-After`` when the client should retry)."""
     kind = _ERROR_TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry_after else None
     return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status
+        {"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status,
+        headers=headers,
     )

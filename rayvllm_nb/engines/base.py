@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from rayvllm_nb._internal.placement import PlacementPlan
+from rayvllm_nb.placement import PlacementPlan
 from rayvllm_nb.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -20,6 +20,10 @@ class Engine(ABC):
     @abstractmethod
     def build_application(self, config: ModelConfig, model_source: str, plan: PlacementPlan) -> Application:
         """Return the Serve application for ``config``, loading weights from ``model_source``."""
+
+    @abstractmethod
+    def engine_arguments(self, config: ModelConfig) -> dict[str, Any]:
+        """The vLLM engine arguments ``config`` means (also what vLLM alone gets in a benchmark)."""
 
     @abstractmethod
     def engine_deployment(self, config: ModelConfig) -> str:

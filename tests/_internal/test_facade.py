@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rayvllm_nb._internal.cluster import ClusterInfo
+from rayvllm_nb.types import ClusterInfo
 from tests.conftest import REPO
 
 _NOTEBOOK_WITH_NEST_ASYNCIO = r"""

@@ -4,7 +4,7 @@ import pytest
 
 from rayvllm_nb.config import load_config
 from rayvllm_nb.engines import get_engine
-from rayvllm_nb.engines.serve_llm import check_engine_kwargs, engine_arguments
+from rayvllm_nb.engines.serve_llm import ServeLLMEngine, check_engine_kwargs
 from rayvllm_nb.errors import ConfigError
 
 
@@ -31,11 +31,11 @@ def test_engine_kwargs_may_not_shadow_config_keys() -> None:
 
 
 def test_engine_arguments_leave_unset_keys_to_vllm() -> None:
-    arguments = engine_arguments(load_config("tiny-cpu", ["engine_kwargs.max_num_seqs=4"]))
+    arguments = ServeLLMEngine().engine_arguments(load_config("tiny-cpu", ["engine_kwargs.max_num_seqs=4"]))
     assert arguments["max_model_len"] == 256 and arguments["max_num_seqs"] == 4
     assert "download_dir" not in arguments and "chat_template" not in arguments
 
 
 def test_unknown_engine_name_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="Did you mean 'serve-llm'"):
+    with pytest.raises(ConfigError, match="did you mean 'serve-llm'"):
         get_engine("serve-lm")

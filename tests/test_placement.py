@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rayvllm_nb._internal.placement import plan_placement
+from rayvllm_nb.placement import plan_placement
 from rayvllm_nb.config import load_config
 from rayvllm_nb.errors import ConfigError
 
@@ -49,7 +49,7 @@ import json
 import ray
 from ray.util.placement_group import placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from rayvllm_nb._internal.placement import plan_placement
+from rayvllm_nb.placement import plan_placement
 from rayvllm_nb.config import load_config
 from rayvllm_nb.engines import get_engine
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rayvllm_nb._internal.replica_env import AUTO_KV_CACHE_ENV
 from rayvllm_nb.config import ModelConfig
 from rayvllm_nb.errors import ConfigError
 
@@ -28,11 +29,12 @@ def plan_placement(config: ModelConfig, cluster_resources: dict[str, float], nod
     and ``node_cpus`` CPUs on its largest node (CPU-mode ranks share one node).
 
     GPU, TP=1: one bundle ``{GPU: 1, CPU: 2}``. GPU, TP>1: ``{GPU: 1, CPU: 1}`` per rank,
-    PACK. CPU: ``{CPU: 1}`` per rank, PACK, with the KV-cache size and, for TP>1, the
-    per-rank core binding vLLM's CPU workers need when the node reports no NUMA layout.
+    PACK. CPU: ``{CPU: 1}`` per rank, PACK, with the KV-cache size (or, when the user sized
+    none, the replica sizes it on its node) and, for TP>1, the per-rank core binding vLLM's CPU
+    workers need when the node reports no NUMA layout.
     """
     gpus = int(cluster_resources.get("GPU", 0))
-    device = config.device if config.device != "auto" else ("gpu" if gpus > 0 else "cpu")
+    device = resolve_device(config.device, gpus)
     tp = config.tensor_parallel_size
     if device == "gpu":
         if gpus == 0:
@@ -56,10 +58,29 @@ def plan_placement(config: ModelConfig, cluster_resources: dict[str, float], nod
     env_vars: dict[str, str] = {}
     if config.cpu_kvcache_space_gb is not None:
         env_vars["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gb)
+    elif not _kv_cache_sized(config):
+        env_vars[AUTO_KV_CACHE_ENV] = "1"
     binding = config.cpu_omp_threads_bind or (_split_cores(node_cpus, tp) if tp > 1 else None)
     if binding:
         env_vars["VLLM_CPU_OMP_THREADS_BIND"] = binding
     return PlacementPlan(device="cpu", bundles=[{"CPU": 1.0} for _ in range(tp)], strategy="PACK", env_vars=env_vars)
+
+
+def resolve_device(device: str, cluster_gpus: int) -> Literal["cpu", "gpu"]:
+    """The device a config's ``device`` means on a cluster with ``cluster_gpus``: "auto" is GPU when there are any."""
+    if device == "auto":
+        return "gpu" if cluster_gpus > 0 else "cpu"
+    return "gpu" if device == "gpu" else "cpu"
+
+
+def _kv_cache_sized(config: ModelConfig) -> bool:
+    """Whether the user sized the KV cache themselves (a share of memory, bytes, or GiB)."""
+    sizing = ("gpu_memory_utilization", "kv_cache_memory_bytes")
+    return (
+        config.gpu_memory_utilization is not None
+        or any(key in config.engine_kwargs for key in sizing)
+        or "VLLM_CPU_KVCACHE_SPACE" in config.env_vars
+    )
 
 
 def _split_cores(cores: int, ranks: int) -> str:

@@ -1,0 +1,87 @@
+"""Serve's HAProxy as the heads rayvllm_nb starts run it: loopback only, and a fast, OpenAI-shaped 503.
+
+Ray 2.60 renders HAProxy's config from a fixed template (``ray/serve/_private/haproxy_templates.py``)
+with no setting for what we need. Serve starts HAProxy through ``RAY_SERVE_HAPROXY_BINARY_PATH`` when
+it is set, so our heads point it at this file (through a small script): it edits the rendered config,
+then ``exec``\\ s the real binary with the same arguments, as Serve requires (it checks the pid and
+the command line). The edits, each checked by the tests against Ray 2.60.0's output:
+
+- the stats page (``*:8404``) and Prometheus exporter (``:9101``) listen on every interface: both go
+  (Serve talks to HAProxy only through its admin socket); two heads on one machine also no longer
+  fight over those ports;
+- a backend whose replicas are all down falls back to the head's Serve proxy, which holds a request
+  until a replica is back (a minute when a vLLM engine restarts): that ``backup`` line goes, so
+  HAProxy answers at once;
+- HAProxy's own 502/503/504 become Serve's plain-text 500: ours are OpenAI-shaped JSON, 503 with
+  ``Retry-After`` (no replica can serve now: retry) and 504.
+
+Standard library only, and run with ``python -I``: it starts on every HAProxy reload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+RETRY_AFTER_S = 5
+_REMOVED_SECTIONS = re.compile(r"^(?:frontend prometheus|listen stats)\n(?:[ \t]+.*\n?)*", re.MULTILINE)
+_FALLBACK_SERVER = re.compile(r"^[ \t]*#[^\n]*[Ff]allback[^\n]*\n[ \t]*server \S+ \S+ check backup\n", re.MULTILINE)
+_ERROR_FILE = re.compile(r"^([ \t]*errorfile (50[234])) \S+$", re.MULTILINE)
+_ERROR_FILES = {"502": "503.http", "503": "503.http", "504": "504.http"}
+
+
+def patch_config(text: str, error_dir: Path) -> str:
+    """The config HAProxy runs: ``text`` (as Serve rendered it) with the edits of the module docstring."""
+    text = _REMOVED_SECTIONS.sub("", text)
+    text = _FALLBACK_SERVER.sub("", text)
+    return _ERROR_FILE.sub(lambda match: f"{match.group(1)} {error_dir / _ERROR_FILES[match.group(2)]}", text)
+
+
+def error_responses() -> dict[str, str]:
+    """The raw HTTP responses HAProxy sends for its own errors, by file name."""
+    responses = {
+        "503.http": (503, "Service Unavailable", "No replica of this model can serve right now (it is starting or "
+                     f"restarting). Retry in {RETRY_AFTER_S} s; its status says more.", "ServiceUnavailableError"),
+        "504.http": (504, "Gateway Timeout", "The model's replica did not answer in time.", "GatewayTimeoutError"),
+    }
+    files = {}
+    for name, (status, reason, message, kind) in responses.items():
+        body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
+        headers = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json", f"Content-Length: {len(body)}",
+                   "Cache-Control: no-cache", "Connection: close"]
+        if status == 503:
+            headers.append(f"Retry-After: {RETRY_AFTER_S}")
+        files[name] = "\r\n".join(headers) + "\r\n\r\n" + body
+    return files
+
+
+def install(folder: Path, real_binary: str) -> Path:
+    """Write the wrapper script and error files into ``folder``; returns the script (for
+    ``RAY_SERVE_HAPROXY_BINARY_PATH``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in error_responses().items():
+        (folder / name).write_text(content)
+    script = folder / "haproxy"
+    script.write_text(
+        "#!/bin/sh\n# Serve's HAProxy for heads started by rayvllm_nb (see rayvllm_nb/_internal/serve_haproxy.py).\n"
+        f'exec "{sys.executable}" -I "{Path(__file__).resolve()}" "{real_binary}" "{folder}" "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def _main(argv: list[str]) -> None:
+    """``serve_haproxy.py REAL_BINARY ERROR_DIR HAPROXY_ARGS...``: patch the ``-f`` config, then exec HAProxy."""
+    real_binary, error_dir, arguments = argv[1], Path(argv[2]), argv[3:]
+    for flag, value in zip(arguments, arguments[1:], strict=False):
+        if flag == "-f" and os.path.isfile(value):
+            config = Path(value)
+            config.write_text(patch_config(config.read_text(), error_dir))
+    os.execv(real_binary, [real_binary, *arguments])
+
+
+if __name__ == "__main__":
+    _main(sys.argv)

@@ -1,0 +1,177 @@
+"""What rayvllm_nb's calls return: the cluster, a model's status, loading progress.
+
+Plain frozen dataclasses: safe to keep, compare and show (no secret is ever in one). ``Status``
+and ``ModelStatus`` render as text (``str``) and as HTML tables in a notebook.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rayvllm_nb._internal.net import address_host
+
+ClusterMode = Literal["started-local", "existing-local", "remote"]
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """The Ray cluster this process is connected to."""
+
+    mode: ClusterMode
+    address: str
+    nodes: int
+    resources: dict[str, float]
+    dashboard_url: str | None
+    ray_version: str
+    reclaimed: tuple[str, ...] = ()
+    """What a stopped cluster had left on this machine and connecting ended (e.g. Serve's HAProxy)."""
+
+    def summary(self) -> str:
+        """One line: address, mode, nodes, CPUs and GPUs."""
+        devices = ", ".join(f"{k} {v:g}" for k, v in sorted(self.resources.items()) if k in ("CPU", "GPU"))
+        return f"{self.address} ({self.mode}, {self.nodes} node(s), {devices})"
+
+    @property
+    def host(self) -> str:
+        """The host part of the address (no scheme, no port)."""
+        return address_host(self.address)
+
+    @property
+    def is_local(self) -> bool:
+        """True when the cluster's head runs on this machine."""
+        return self.mode != "remote"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a model's loading, reported while waiting for readiness.
+
+    ``stage`` is one of: creating the deployment, waiting for resources, starting the engine,
+    checking the endpoint, ready. ``detail`` says more when known (vLLM's own loading step,
+    e.g. "loading weights").
+    """
+
+    name: str
+    stage: str
+    elapsed_s: float
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.stage}: {self.detail}" if self.detail else self.stage
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """One engine replica as its own process reported it when it started."""
+
+    replica_id: str
+    state: str
+    node_ip: str
+    kv_cache_gib: float | None
+    kv_cache_choice: str
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A deployed model as Serve sees it now.
+
+    ``status`` is Serve's application status (RUNNING, DEPLOYING, ...), or ``RESTARTING`` while
+    a crashed replica is being replaced, or ``FAILED`` once rayvllm_nb stopped a model that kept
+    crashing (``message`` then holds the root cause).
+    """
+
+    name: str
+    app_name: str
+    status: str
+    ready: bool
+    model: str
+    device: str
+    tensor_parallel_size: int
+    num_replicas: int
+    replica_states: dict[str, int]
+    base_url: str
+    message: str = ""
+    replica_actor_ids: tuple[str, ...] = ()
+    restarts: int = 0
+    """Replicas of this model that crashed (engine or replica process died) and were replaced."""
+    last_failure: str = ""
+    """The root cause line of the latest crash, when there was one."""
+    replicas: tuple[ReplicaInfo, ...] = ()
+    vllm_version: str = ""
+
+    def summary(self) -> str:
+        """One line: name, status, device, parallelism, replicas, endpoint."""
+        replicas = ", ".join(f"{state}={count}" for state, count in sorted(self.replica_states.items())) or "-"
+        line = (
+            f"{self.name}: {self.status}{' (ready)' if self.ready else ''} device={self.device} "
+            f"tp={self.tensor_parallel_size} replicas[{replicas}] {self.base_url}"
+        )
+        if self.restarts:
+            line += f" restarts={self.restarts}"
+        kv = sorted({replica.kv_cache_choice for replica in self.replicas if replica.kv_cache_choice})
+        if kv:
+            line += f" kv_cache={'; '.join(kv)}"
+        return line
+
+    def problem(self) -> str:
+        """The line that explains a model that is not serving (empty when it is)."""
+        if self.ready and not self.last_failure:
+            return ""
+        if self.last_failure:
+            return f"last crash: {self.last_failure}"
+        return self.message.splitlines()[0] if self.message and not self.ready else ""
+
+
+@dataclass(frozen=True)
+class Status:
+    """The cluster and every model deployed through rayvllm_nb on it."""
+
+    cluster: ClusterInfo
+    serve_running: bool
+    http_address: str | None
+    models: list[ModelStatus] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    """rayvllm_nb, Ray and vLLM versions (vLLM as its replicas reported it)."""
+
+    def __str__(self) -> str:
+        lines = [
+            f"cluster  {self.cluster.summary()}",
+            f"serve    {'http://' + self.http_address if self.http_address else 'not running'}",
+            "versions " + ", ".join(f"{name} {version}" for name, version in self.versions.items()),
+        ]
+        if not self.models:
+            lines.append("models   none")
+        for model in self.models:
+            lines.append(f"model    {model.summary()}")
+            if problem := model.problem():
+                lines.append(f"         {problem}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        versions = ", ".join(f"{name} {version}" for name, version in self.versions.items())
+        head = (
+            f"<p><b>Ray</b> {html.escape(self.cluster.summary())} · <b>Serve</b> "
+            f"{html.escape('http://' + self.http_address) if self.http_address else 'not running'}"
+            f" · <span style='color:#666'>{html.escape(versions)}</span></p>"
+        )
+        if not self.models:
+            return head + "<p>No model deployed.</p>"
+        columns = ["model", "status", "device", "TP", "replicas", "restarts", "KV cache", "endpoint"]
+        rows = []
+        for model in self.models:
+            replicas = ", ".join(f"{state} {count}" for state, count in sorted(model.replica_states.items())) or "-"
+            color = "#080" if model.ready else "#b00" if model.status == "FAILED" else "#b60"
+            kv = "; ".join(sorted({r.kv_cache_choice for r in model.replicas if r.kv_cache_choice})) or "-"
+            cells = [
+                html.escape(model.name), f"<span style='color:{color}'>{html.escape(model.status)}</span>",
+                model.device, str(model.tensor_parallel_size), html.escape(replicas), str(model.restarts),
+                html.escape(kv), html.escape(model.base_url),
+            ]
+            rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+            if problem := model.problem():
+                rows.append(f"<tr><td></td><td colspan='{len(columns) - 1}' style='color:#b00'>"
+                            f"{html.escape(problem)}</td></tr>")
+        header = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
+        return head + f"<table>{header}{''.join(rows)}</table>"

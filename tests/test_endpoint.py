@@ -1,0 +1,203 @@
+"""The Serve endpoint of a cluster of its own, as a user's shells see it: an API key, loopback-only
+listeners, a port taken by another program, and `ray stop --force` typed by hand between two serves.
+
+Everything runs through the `rayvllm` command in new processes against a second head on free
+ports (this test process stays connected to the tests' shared cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
+from rayvllm_nb._internal import processes, ray_api
+from rayvllm_nb._internal.cluster import start_head, stop_started_heads
+from rayvllm_nb._internal.net import free_port
+from rayvllm_nb.config import ClusterConfig
+from tests.conftest import model_processes, run_cli
+
+pytestmark = pytest.mark.slow
+KEY = "sk-" + secrets.token_hex(16)
+CHAT = {"model": "keyed", "messages": [{"role": "user", "content": DEMO_PROMPT}], "max_tokens": 64, "temperature": 0}
+
+
+def _head() -> str:
+    return start_head(ClusterConfig(
+        port=free_port("127.0.0.1"), ray_client_server_port=free_port("127.0.0.1"),
+        dashboard_port=free_port("127.0.0.1"), num_gpus=0, object_store_memory_gb=1, num_cpus=2,
+        min_worker_port=33000, max_worker_port=39999,
+    ))
+
+
+def cli(address: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`rayvllm --address ADDRESS ARGS` in a new process (no RAY_ADDRESS of the tests' cluster)."""
+    return run_cli("--address", address, *args, env={"RAY_ADDRESS": "", **env})
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[dict[str, Any]]:
+    """A head of its own with the tiny model served behind an API key (from an environment variable)."""
+    address = _head()
+    port = free_port("127.0.0.1")
+    try:
+        served = cli(address, "serve", "tiny-cpu", "--set", "served_model_name=keyed", "--set", f"port={port}",
+                     "--set", "api_key_env=TEST_RAYVLLM_KEY", TEST_RAYVLLM_KEY=KEY)
+        assert served.returncode == 0, served.stderr
+        yield {"address": address, "base": f"http://127.0.0.1:{port}", "serve_stdout": served.stdout}
+    finally:
+        stop_started_heads(address)
+
+
+def test_a_port_taken_by_another_program_is_refused_before_serve_starts() -> None:
+    address = _head()
+    try:
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", 0))
+            squatter.listen()
+            port = squatter.getsockname()[1]
+            refused = cli(address, "serve", "tiny-cpu", "--set", f"port={port}")
+        assert refused.returncode == 2
+        assert f"Port {port} on 127.0.0.1 is already used by another program" in refused.stderr
+        assert "serve    not running" in cli(address, "status").stdout
+    finally:
+        stop_started_heads(address)
+
+
+def test_without_the_key_every_route_but_health_is_401_in_openais_shape(keyed: dict[str, Any]) -> None:
+    base = keyed["base"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/metrics")):
+            response = httpx.request(method, base + path, json=CHAT if method == "POST" else None,
+                                     headers=headers, timeout=30)
+            assert response.status_code == 401, (method, path, headers, response.text)
+            error = response.json()["error"]
+            assert error["code"] == 401 and error["type"] == "AuthenticationError" and "API key" in error["message"]
+    assert httpx.get(base + "/health", timeout=30).status_code == 200
+    answer = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {KEY}"},
+                        timeout=60)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == TINY_MODEL_REPLY
+
+
+def test_a_new_shell_chats_with_the_key_it_never_saw(keyed: dict[str, Any]) -> None:
+    chat = cli(keyed["address"], "chat", "Say hello.")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip() == TINY_MODEL_REPLY
+
+
+def test_another_key_for_a_second_model_is_refused(keyed: dict[str, Any]) -> None:
+    refused = cli(keyed["address"], "serve", "tiny-cpu", "--set", "served_model_name=other",
+                  "--set", "route_prefix=/other", "--set", "api_key=sk-another", "--no-wait")
+    assert refused.returncode == 2
+    assert "with another API key" in refused.stderr and "sk-another" not in refused.stderr
+
+
+def test_the_key_appears_nowhere_a_user_can_read(keyed: dict[str, Any]) -> None:
+    script = (
+        "import json, rayvllm_nb\n"
+        "from rayvllm_nb._internal import ray_api\n"
+        "rayvllm_nb.init()\n"
+        "status = rayvllm_nb.status()\n"
+        "print(repr(status), status, repr(rayvllm_nb.endpoint('keyed')), repr(rayvllm_nb.model_status('keyed')))\n"
+        "print(json.dumps(ray_api.serve_details()))\n"
+        "print('\\n'.join(rayvllm_nb.logs('keyed', tail=5000)))\n"
+        "print('LOGS_DIR=' + ray_api.session_logs_dir())\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "RAY_ADDRESS": keyed["address"]})
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    logs_dir = shown.stdout.rsplit("LOGS_DIR=", 1)[1].strip()
+    places = {
+        "status, endpoint, model status, serve details, logs": shown.stdout + shown.stderr,
+        "rayvllm status": cli(keyed["address"], "status").stdout,
+        "serve's output": keyed["serve_stdout"],
+        "ray list actors --detail": subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "list", "actors", "--detail", "--address",
+             keyed["address"]], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "RAY_AUTH_MODE": "token"}).stdout,
+    }
+    for name, text in places.items():
+        assert text.strip(), f"{name} printed nothing: the check would be empty"
+        assert KEY not in text, f"the API key leaked into {name}"
+    leaked = subprocess.run(["grep", "-rl", KEY, logs_dir], capture_output=True, text=True)
+    assert leaked.returncode == 1 and leaked.stdout == "", leaked.stdout
+
+
+def test_every_listener_of_haproxy_the_replica_and_vllm_is_on_loopback(keyed: dict[str, Any]) -> None:
+    session = next(r.session_id for r in processes.recorded_heads() if r.address == keyed["address"])
+    haproxy = [p for p in processes.session_processes(session) if p.name() == "haproxy"]
+    ours = [*haproxy, *model_processes("keyed", ("VLLM::", "ray::ServeReplica"))]
+    assert haproxy and len(ours) >= 4, ours
+    listeners = {
+        (process.name(), connection.laddr.ip, connection.laddr.port)
+        for process in ours for connection in process.net_connections("tcp")
+        if connection.status == psutil.CONN_LISTEN
+    }
+    haproxy_ports = {port for name, _, port in listeners if name == "haproxy"}
+    assert haproxy_ports == {int(keyed["base"].rpartition(":")[2])}, listeners
+    # Ray's own gRPC ports (the worker's, Serve's internal one) are token-protected and out of scope:
+    # every listener that answers HTTP/1.1 is ours or vLLM's, and must be on loopback.
+    http = {(name, ip, port) for name, ip, port in listeners if _speaks_http(ip, port)}
+    assert any(name.startswith("ray::ServeReplica") for name, _, _ in http), listeners
+    assert {ip for _, ip, _ in http} == {"127.0.0.1"}, http
+
+
+def _speaks_http(ip: str, port: int) -> bool:
+    """Whether the listener answers a plain HTTP/1.1 request (gRPC servers do not)."""
+    host = "127.0.0.1" if ip in ("0.0.0.0", "::") else ip
+    try:
+        with socket.create_connection((host, port), timeout=3) as connection:
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+            return connection.recv(16).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(keyed: dict[str, Any]) -> None:
+    """`ray stop --force` ends Ray's processes but not Serve's HAProxy (which keeps the port) nor the
+    replica's vLLM engine (GBs of memory). The next serve ends them, says so, and serves."""
+    session = next(r.session_id for r in processes.recorded_heads() if r.address == keyed["address"])
+    left = _ray_stop_force(session)
+    kinds = sorted({p.name() for p in left})
+    assert "haproxy" in kinds and "VLLM::EngineCore" in kinds, f"ray stop left {kinds}: nothing to reclaim"
+    port = keyed["base"].rpartition(":")[2]
+    second = _head()
+    try:
+        served = cli(second, "serve", "tiny-cpu", "--set", f"port={port}", "--set", "served_model_name=again")
+        assert served.returncode == 0, served.stderr
+        assert "Ended what a stopped Ray cluster left on this machine" in served.stderr
+        assert "Serve HAProxy" in served.stderr and "VLLM::EngineCore" in served.stderr
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in left)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                            json={**CHAT, "model": "again"})
+        assert answer.json()["choices"][0]["message"]["content"] == TINY_MODEL_REPLY
+    finally:
+        stop_started_heads(second)
+
+
+def _ray_stop_force(session: int) -> list[psutil.Process]:
+    """What `ray stop --force` does, to this head only: SIGKILL every process its filters match
+    (the real command would end every Ray cluster of this machine's user). Returns what is left."""
+    filters = ray_api.ray_stop_process_filters()
+    members = processes.session_processes(session)
+    for process in members:
+        name, cmdline = process.name(), subprocess.list2cmdline(process.cmdline())
+        if any(keyword in (name if by_name else cmdline) for keyword, by_name in filters):
+            process.kill()
+    psutil.wait_procs(members, timeout=10)
+    return [p for p in members if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_ray_stop_filters_are_what_this_test_mimics() -> None:
+    """The simulation above uses Ray's own list; `gcs_server` and `ray::` workers are on it."""
+    keywords = {keyword for keyword, _ in ray_api.ray_stop_process_filters()}
+    assert {"raylet", "gcs_server", "ray::"} <= keywords
