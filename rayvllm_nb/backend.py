@@ -418,7 +418,8 @@ def _status_of(record: registry.DeploymentRecord, details: dict[str, Any] | None
     if "UNHEALTHY" in deployment_statuses and status != "RUNNING":
         status = "UNHEALTHY"
     target = record.config["num_replicas"]
-    if app and crashes.count and (status != "RUNNING" or replica_states.get("RUNNING", 0) < target):
+    engine_dead = any(r.ended == "crashed" and r.replica_id in replica_state_by_id for r in replica_records)
+    if app and crashes.count and (engine_dead or status != "RUNNING" or replica_states.get("RUNNING", 0) < target):
         status = "RESTARTING"
     message = "\n".join(m for m in messages if m)
     if record.failure:

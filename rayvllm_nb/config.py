@@ -228,6 +228,12 @@ class ClusterConfig(BaseModel):
         default="127.0.0.1", description="Interface the dashboard binds; 0.0.0.0 opens it to the network."
     )
     dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Dashboard HTTP port.")
+    dashboard_agent_port: int = Field(
+        default=52365,
+        ge=1,
+        le=65535,
+        description="Port of the node's dashboard agent (serves replica logs); each head on one machine needs its own.",
+    )
     num_cpus: int | None = Field(
         default=None, ge=0, description="CPUs this node offers to Ray; all of the machine's cores when unset."
     )
@@ -287,6 +293,7 @@ class ClusterConfig(BaseModel):
         ports = {"port": self.port, "ray_client_server_port": self.ray_client_server_port}
         if self.dashboard:
             ports["dashboard_port"] = self.dashboard_port
+        ports["dashboard_agent_port"] = self.dashboard_agent_port
         return ports
 
 

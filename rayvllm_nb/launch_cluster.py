@@ -135,7 +135,7 @@ def validate_autoscaler_config(source: str | Path) -> dict[str, Any]:
 
 def autoscaler_command(source: str | Path) -> list[str]:
     """The ``ray up`` command ``start-autoscaler`` runs for ``source``."""
-    path = find_config_file(str(source), "cluster").resolve()
+    path = find_config_file(str(source), "cluster").absolute()
     return [sys.executable, "-m", "ray.scripts.scripts", "up", str(path), "--yes", "--no-config-cache"]
 
 

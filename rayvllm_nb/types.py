@@ -117,6 +117,8 @@ class ModelStatus:
 
     def problem(self) -> str:
         """The line that explains a model that is not serving (empty when it is)."""
+        if self.status == "FAILED":
+            return self.message
         if self.ready and not self.last_failure:
             return ""
         if self.last_failure:

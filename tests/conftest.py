@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -34,22 +35,23 @@ _session: dict[str, str] = {}
 def session_cluster_address() -> str:
     """The tests' own head (started on first use); its address is also in RAY_ADDRESS."""
     if "address" not in _session:
-        from rayvllm_nb._internal.cluster import start_head
-        from rayvllm_nb.config import ClusterConfig
-
-        config = ClusterConfig(
-            port=free_port("127.0.0.1"), ray_client_server_port=free_port("127.0.0.1"),
-            dashboard_port=free_port("127.0.0.1"), num_gpus=0, object_store_memory_gb=1,
+        _session["address"] = start_test_head(
             # One logical CPU more than the cores: the shared model keeps running beside one
             # that spans every core (TP=2 on 2 cores).
-            num_cpus=(os.cpu_count() or 1) + 1,
-            # Apart from the ranges of heads that tests start beside this one.
-            min_worker_port=21000, max_worker_port=29999,
+            num_cpus=(os.cpu_count() or 1) + 1, min_worker_port=21000, max_worker_port=29999,
         )
-        _session["address"] = start_head(config)
         os.environ["RAY_ADDRESS"] = _session["address"]
         os.environ[SERVE_PORT_ENV] = str(free_port("127.0.0.1", 8000))
     return _session["address"]
+
+
+def start_test_head(**settings: Any) -> str:
+    """A head of the tests' own on free ports (as rayvllm_nb's embedded cluster starts one): its
+    address. ``settings`` are ClusterConfig keys; give each head its own worker port range."""
+    from rayvllm_nb._internal.cluster import start_head, with_free_ports
+    from rayvllm_nb.config import ClusterConfig
+
+    return start_head(with_free_ports(ClusterConfig(num_gpus=0, object_store_memory_gb=1, **settings)))
 
 
 def serve_port() -> int:

@@ -21,10 +21,9 @@ import pytest
 
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
 from rayvllm_nb._internal import processes, ray_api
-from rayvllm_nb._internal.cluster import start_head, stop_started_heads
+from rayvllm_nb._internal.cluster import stop_started_heads
 from rayvllm_nb._internal.net import free_port
-from rayvllm_nb.config import ClusterConfig
-from tests.conftest import model_processes, run_cli
+from tests.conftest import model_processes, run_cli, start_test_head
 
 pytestmark = pytest.mark.slow
 KEY = "sk-" + secrets.token_hex(16)
@@ -32,11 +31,7 @@ CHAT = {"model": "keyed", "messages": [{"role": "user", "content": DEMO_PROMPT}]
 
 
 def _head() -> str:
-    return start_head(ClusterConfig(
-        port=free_port("127.0.0.1"), ray_client_server_port=free_port("127.0.0.1"),
-        dashboard_port=free_port("127.0.0.1"), num_gpus=0, object_store_memory_gb=1, num_cpus=2,
-        min_worker_port=33000, max_worker_port=39999,
-    ))
+    return start_test_head(num_cpus=2, min_worker_port=33000, max_worker_port=39999)
 
 
 def cli(address: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -53,8 +53,19 @@ def start_local_cluster(num_cpus: int | None, num_gpus: int | None) -> str:
     """A head with the defaults of an embedded cluster: all cores (or ``num_cpus``), no GPUs
     unless asked, the first free GCS port from 6379; returns its GCS address."""
     config = ClusterConfig(num_cpus=num_cpus if num_cpus is not None else os.cpu_count() or 1, num_gpus=num_gpus or 0)
-    ports = {key: free_port("127.0.0.1", port) for key, port in config.listening_ports().items()}
-    return start_head(config.model_copy(update=ports))
+    return start_head(with_free_ports(config))
+
+
+def with_free_ports(config: ClusterConfig) -> ClusterConfig:
+    """``config`` with each port it listens on kept when free, else replaced by a free one (all distinct):
+    a head beside another one on this machine."""
+    chosen: dict[str, int] = {}
+    for key, preferred in config.listening_ports().items():
+        port = free_port("127.0.0.1", preferred)
+        while port in chosen.values():
+            port = free_port("127.0.0.1")
+        chosen[key] = port
+    return config.model_copy(update=chosen)
 
 
 def check_can_start(config: ClusterConfig) -> None:
@@ -125,6 +136,12 @@ _DIRECT_INGRESS_ENV = {
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
     # A stopped replica leaves HAProxy's pool after 1 s instead of 30 s (stop_model waits for it).
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    # A replica that just died: HAProxy waits min(timeout connect, 1 s) before each retry, so one
+    # retry (on another replica when there is one) keeps the answer (503) within about a second;
+    # a request sent on a reused connection to a dead replica is retried, not dropped unanswered.
+    "RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S": "1",
+    "RAY_SERVE_HAPROXY_RETRIES": "1",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
 }
 """Environment of a head started with ``serve_direct_ingress`` (Serve reads it in every process)."""
 
@@ -137,6 +154,7 @@ def head_arguments(config: ClusterConfig) -> list[str]:
         f"--min-worker-port={config.min_worker_port}",
         f"--max-worker-port={config.max_worker_port}",
         f"--include-dashboard={str(config.dashboard).lower()}",
+        f"--dashboard-agent-listen-port={config.dashboard_agent_port}",
         "--disable-usage-stats",
     ]
     if config.dashboard:
@@ -310,6 +328,10 @@ def _ray_init(address: str) -> Any:
     """
     import ray
 
+    # Serve's controller ends itself while serve.shutdown() waits on it, and the driver would
+    # print a "(raylet) Task ServeController.graceful_shutdown failed ... retried" line into the
+    # cell: that notice of a task retry is read by the core worker at ray.init.
+    os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
     attempts = 2 if address.startswith("ray://") else 1
     for attempt in range(attempts):
         try:

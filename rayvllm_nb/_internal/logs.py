@@ -102,15 +102,3 @@ def root_cause(lines: Iterable[str]) -> str | None:
             return f"{match.group(1)}: {match.group(2).strip()}"
     return None
 
-
-# vLLM's client side, when its engine process vanished (killed: no error of its own in the logs).
-_ENGINE_DEATH = re.compile(r"((?:Engine core proc|EngineCore)[^\n]*died unexpectedly[^\n]*)")
-
-
-def engine_death(lines: Iterable[str]) -> str | None:
-    """The last line in which vLLM says its engine process died (e.g. killed), without log prefixes."""
-    found = None
-    for line in lines:
-        if match := _ENGINE_DEATH.search(line):
-            found = match.group(1).strip()
-    return found

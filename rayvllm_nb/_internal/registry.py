@@ -118,6 +118,13 @@ def end_replica(model_name: str, replica_id: str, how: str, cause: str = "") -> 
         put_replica(model_name, replace(record, ended=how, cause=cause, ended_at=time.time()))
 
 
+def set_cause(model_name: str, replica_id: str, cause: str) -> None:
+    """Give an ended replica a better cause (its own log's words, found after it was marked)."""
+    raw = ray_api.kv_get(f"{_REPLICA}{model_name}:{replica_id}", NAMESPACE)
+    if raw is not None:
+        put_replica(model_name, replace(ReplicaRecord(**json.loads(raw)), cause=cause))
+
+
 @dataclass(frozen=True)
 class Crashes:
     """The crashes of a model's replicas: replicas that crashed, or whose process vanished."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -67,6 +68,7 @@ class VllmServer(LLMServer):
         await asyncio.to_thread(_refuse_a_crash_loop, self._model_name)
         llm_config, self._kv_cache = await asyncio.to_thread(_prepare, llm_config)
         self._api_key = await asyncio.to_thread(registry.api_key)
+        self._crash_recorder: asyncio.Task[None] | None = None
         await super().__init__(llm_config, **kwargs)
         await asyncio.to_thread(self._register)
 
@@ -104,19 +106,36 @@ class VllmServer(LLMServer):
         return JSONResponse({"status": "ok"})
 
     async def check_health(self) -> None:
-        """Serve's health check: when the engine is dead, record the crash (with vLLM's cause) first."""
+        """Serve's health check; when the engine died, its crash is recorded (with vLLM's cause) on the side."""
         try:
             await super().check_health()
         except BaseException as error:
-            if self._engine_dead():
-                await asyncio.to_thread(self._record_crash, error)
+            if self._engine_dead() and self._crash_recorder is None:
+                self._crash_recorder = asyncio.create_task(asyncio.to_thread(self._record_crash, error))
             raise
 
     def _record_crash(self, error: BaseException) -> None:
+        """Mark this replica crashed at once (a replacement may start any moment and counts crashes),
+        then say why: how vLLM's engine process ended, and vLLM's own error line from this replica's log."""
+        registry.end_replica(self._model_name, self._replica_id, "crashed", f"vLLM's engine died ({error})")
         actor_id = ray.get_runtime_context().get_actor_id() or ""
         lines = logs.fetch_actor_logs(actor_id, 400) if actor_id else []
-        cause = logs.root_cause(lines) or logs.engine_death(lines) or f"{type(error).__name__}: {error}"
-        registry.end_replica(self._model_name, self._replica_id, "crashed", f"vLLM's engine died: {cause}")
+        details = [*self._engine_exits(), logs.root_cause(lines) or f"{type(error).__name__}: {error}"]
+        registry.set_cause(self._model_name, self._replica_id, "vLLM's engine died: " + "; ".join(details))
+
+    def _engine_exits(self) -> list[str]:
+        """How vLLM's engine processes ended, e.g. "EngineCore_DP0 was killed (SIGKILL)" (vLLM's
+        process manager keeps their exit codes; its internals, so nothing when they change)."""
+        client = getattr(getattr(self.engine, "_engine_client", None), "engine_core", None)
+        manager = getattr(getattr(client, "resources", None), "engine_manager", None)
+        exits = []
+        for process in getattr(manager, "processes", None) or []:
+            code = getattr(process, "exitcode", None)
+            if isinstance(code, int) and code < 0:
+                exits.append(f"{process.name} was killed ({signal.Signals(-code).name})")
+            elif isinstance(code, int):
+                exits.append(f"{process.name} exited with code {code}")
+        return exits
 
     async def __del__(self) -> None:
         """Serve stops this replica (stop, replace, scale-down, or after a failed health check)."""

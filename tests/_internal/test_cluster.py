@@ -23,7 +23,8 @@ def test_resources_ports_and_a_disabled_dashboard_become_flags() -> None:
     flags = head_arguments(config)
     assert {"--num-cpus=4", "--num-gpus=0", '--resources={"accelerator_a10g": 2.0}', "--include-dashboard=false",
             "--node-ip-address=10.0.0.5", "--min-worker-port=10002", "--max-worker-port=19999"} <= set(flags)
-    assert not any(flag.startswith("--dashboard-") for flag in flags)
+    assert not any(flag.startswith(("--dashboard-host", "--dashboard-port")) for flag in flags)
+    assert "--dashboard-agent-listen-port=52365" in flags, "the agent serves logs even without the dashboard"
 
 
 def test_ray_processes_are_recognised_by_name_and_command_line() -> None:
