@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test bench env clean
+.PHONY: demo test test-fast check bench env clean
 
 env: $(VENV)/.installed
 
@@ -28,10 +28,20 @@ endif
 demo: env
 	$(BIN)/rayvllm demo
 
-# The notebooks run in the kernel this checkout registers (its .venv), one cell at most 15 min.
+# The whole suite in its own order (modules share deployments); the notebooks run in the kernel
+# this checkout registers (its .venv), one cell at most 15 min.
 test: env
 	$(BIN)/python -m ipykernel install --user --name rayvllm-nb --display-name "rayvllm-nb (.venv)" >/dev/null
-	$(BIN)/python -m pytest --nbmake --nbmake-kernel=rayvllm-nb --nbmake-timeout=900 tests notebooks
+	$(BIN)/python -m pytest -p no:randomly --nbmake --nbmake-kernel=rayvllm-nb --nbmake-timeout=900 tests notebooks
+
+# The inner loop: every test that loads no model, in a random order (under 2 minutes).
+test-fast: env
+	$(BIN)/python -m pytest -m "not slow" tests
+
+# Lint and types, as CI runs them.
+check: env
+	$(BIN)/ruff check rayvllm_nb tests
+	$(BIN)/mypy rayvllm_nb
 
 # The full side-by-side benchmark (about 10 minutes here): vLLM alone vs rayvllm_nb, two
 # alternating rounds; the table is printed and the JSON saved under bench-results/.

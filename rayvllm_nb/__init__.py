@@ -34,6 +34,7 @@ from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, make_tiny_model
 from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress, Status
 
 if TYPE_CHECKING:
+    from rayvllm_nb._internal.soak import SoakReport
     from rayvllm_nb.bench import BenchReport
     from rayvllm_nb.widget import Panel
 
@@ -61,6 +62,16 @@ def bench(
     from rayvllm_nb.bench import benchmark
 
     return BRIDGE.run(benchmark(ray_backend, config, overrides, **settings))
+
+
+def soak(name: str | None = None, *, minutes: float = 5.0, concurrency: int = 32, output_len: int = 64) -> SoakReport:
+    """Keep ``concurrency`` streams busy against the running model ``name`` for ``minutes``; the
+    report holds errors and TTFT p50/p99 per minute and the model's memory before and after."""
+    from rayvllm_nb.bench import soak_model
+
+    return BRIDGE.run(
+        soak_model(ray_backend, name, minutes=minutes, concurrency=concurrency, output_len=output_len)
+    )
 
 
 def panel() -> Panel:
@@ -123,6 +134,7 @@ __all__ = [
     "panel",
     "ray_backend",
     "shutdown",
+    "soak",
     "start",
     "status",
     "stop",

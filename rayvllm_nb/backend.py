@@ -198,13 +198,13 @@ class RayBackend:
                 now = time.monotonic()
                 lines = None
                 if watcher.wants_logs(status, now):
-                    lines = await asyncio.to_thread(_replica_logs, status.replica_actor_ids, 400)
+                    lines = await asyncio.to_thread(self._replica_logs, status.replica_actor_ids, 400)
                 verdict = watcher.observe(status, lines, now)
                 failure = None
                 if status.status == "FAILED":
                     failure = status.message
                 elif verdict.serve_failure is not None:
-                    failure = await asyncio.to_thread(_failure_reason, verdict.serve_failure)
+                    failure = await asyncio.to_thread(self._failure_reason, verdict.serve_failure)
                 elif verdict.engine_failure is not None:
                     failure = verdict.engine_failure
                 if failure is not None:
@@ -232,7 +232,7 @@ class RayBackend:
     async def get_logs(self, name: str | None = None, tail: int = 100) -> list[str]:
         """The last ``tail`` lines of the model's engine replicas (vLLM's and Serve's), newest last."""
         status = await self.model_status(name)
-        return await asyncio.to_thread(_replica_logs, status.replica_actor_ids, tail)
+        return await asyncio.to_thread(self._replica_logs, status.replica_actor_ids, tail)
 
     async def get_status(self) -> Status:
         """The cluster, Serve's HTTP address, the versions running and every model deployed through rayvllm_nb."""
@@ -291,6 +291,24 @@ class RayBackend:
                 # The cluster this process started goes, whatever happened above.
                 if cluster is not None and cluster.mode == "started-local":
                     _cluster.stop_started_heads(cluster.address)
+
+    def _replica_logs(self, actor_ids: Iterable[str], tail: int) -> list[str]:
+        ids = list(actor_ids)
+        dashboard = self._cluster.dashboard_url if self._cluster is not None else None
+        if len(ids) == 1:
+            return _logs.fetch_actor_logs(ids[0], tail, dashboard)
+        tagged = [
+            [f"[replica {i}] {line}" for line in _logs.fetch_actor_logs(actor, tail, dashboard)]
+            for i, actor in enumerate(ids)
+        ]
+        return [line for stream in tagged for line in stream][-tail:]
+
+    def _failure_reason(self, message: str) -> str:
+        """vLLM's own error for a replica that failed to start, from its logs; else Serve's last error line."""
+        actor = re.search(r"actor_id=([0-9a-f]+)", message)
+        lines = self._replica_logs([actor.group(1)], 2000) if actor else []
+        cause = _logs.root_cause(lines) or _logs.root_cause(message.splitlines())
+        return cause or (message.strip().splitlines() or ["no reason given"])[-1]
 
     async def _record(self, name: str | None) -> registry.DeploymentRecord:
         await self.initialize_ray()
@@ -450,22 +468,6 @@ def _status_of(record: registry.DeploymentRecord, details: dict[str, Any] | None
         ),
         vllm_version=", ".join(sorted({r.vllm_version for r in live})),
     )
-
-
-def _replica_logs(actor_ids: Iterable[str], tail: int) -> list[str]:
-    ids = list(actor_ids)
-    if len(ids) == 1:
-        return _logs.fetch_actor_logs(ids[0], tail)
-    tagged = [[f"[replica {i}] {line}" for line in _logs.fetch_actor_logs(actor, tail)] for i, actor in enumerate(ids)]
-    return [line for stream in tagged for line in stream][-tail:]
-
-
-def _failure_reason(message: str) -> str:
-    """vLLM's own error for a replica that failed to start, from its logs; else Serve's last error line."""
-    actor = re.search(r"actor_id=([0-9a-f]+)", message)
-    lines = _logs.fetch_actor_logs(actor.group(1), 2000) if actor else []
-    cause = _logs.root_cause(lines) or _logs.root_cause(message.splitlines())
-    return cause or (message.strip().splitlines() or ["no reason given"])[-1]
 
 
 async def _serves(http: httpx.AsyncClient, base_url: str, name: str) -> bool:

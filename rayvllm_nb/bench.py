@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rayvllm_nb._internal import cluster as _cluster
+from rayvllm_nb._internal import processes
 from rayvllm_nb._internal.loadgen import make_prompts, run_load, warm_up
-from rayvllm_nb.placement import plan_placement
+from rayvllm_nb._internal.soak import SoakReport, soak
 from rayvllm_nb._internal.vllm_alone import VllmAloneServer
 from rayvllm_nb.config import ModelConfig, load_config
 from rayvllm_nb.engines import get_engine
 from rayvllm_nb.errors import ConfigError
+from rayvllm_nb.placement import plan_placement
 from rayvllm_nb.tiny_model import TINY_MODEL_REF, tiny_model_path
 
 if TYPE_CHECKING:
@@ -284,3 +286,25 @@ def _num(value: float | None) -> str:
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+async def soak_model(
+    backend: RayBackend, name: str | None = None, *, minutes: float = 5.0, concurrency: int = 32, output_len: int = 64
+) -> SoakReport:
+    """``concurrency`` streams against the running model ``name`` for ``minutes``: errors and TTFT
+    p50/p99 per minute, and the memory of the model's processes on this machine before and after."""
+    if minutes <= 0 or concurrency < 1 or output_len < 1:
+        raise ConfigError(
+            f"A soak needs minutes > 0, concurrency >= 1 and output_len >= 1 (got {minutes}, {concurrency}, "
+            f"{output_len})."
+        )
+    status = await backend.model_status(name)
+    endpoint = await backend.endpoint(status.name)
+
+    def memory_mb() -> float:
+        return sum(process.memory_info().rss for process in processes.model_processes(status.name)) / 1e6
+
+    return await soak(
+        endpoint, status.name, duration_s=minutes * 60, concurrency=concurrency, output_len=output_len,
+        memory_mb=memory_mb,
+    )

@@ -6,12 +6,13 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import rayvllm_nb
 from rayvllm_nb import launch_cluster
 from rayvllm_nb._internal.chat import stream_chat_blocking
-from rayvllm_nb.types import ClusterInfo, Progress
 from rayvllm_nb.errors import ClusterError, ConfigError, RayVllmError
+from rayvllm_nb.types import ClusterInfo, Progress
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="skip the second start of each side (relaunch time to ready)")
     bench.add_argument("--output", help="JSON file (default: bench-results/bench-<time>.json)")
     bench.set_defaults(run=_bench)
+
+    soak = commands.add_parser("soak", help="many concurrent streams for minutes: errors, TTFT and memory per minute")
+    soak.add_argument("name", nargs="?", help="served model name (default: the only one)")
+    soak.add_argument("--minutes", type=float, default=5.0, help="how long (default 5)")
+    soak.add_argument("--concurrency", type=int, default=32, help="concurrent streams (default 32)")
+    soak.add_argument("--output-len", type=int, default=64, help="output tokens per request (ignore_eos)")
+    soak.add_argument("--output", help="also save the report as JSON here")
+    soak.set_defaults(run=_soak)
 
     demo = commands.add_parser("demo", help="tiny CPU model: build, deploy, chat, status, stop")
     demo.set_defaults(run=_demo)
@@ -150,7 +159,7 @@ def _chat(args: argparse.Namespace) -> int:
     ]
     result = stream_chat_blocking(
         rayvllm_nb.endpoint(model.name), model.name, messages,
-        on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+        on_text=_write,
         max_tokens=args.max_tokens, temperature=args.temperature,
     )
     print()
@@ -171,6 +180,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _soak(args: argparse.Namespace) -> int:
+    _connect(args)
+    report = rayvllm_nb.soak(args.name, minutes=args.minutes, concurrency=args.concurrency, output_len=args.output_len)
+    print(report.table())
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(report.to_json())
+    return 0 if report.errors == 0 else 1
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -187,6 +206,11 @@ def _demo(args: argparse.Namespace) -> int:
 def _make_tiny_model(args: argparse.Namespace) -> int:
     print(rayvllm_nb.make_tiny_model(args.path))
     return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _print_progress(progress: Progress) -> None:

@@ -160,15 +160,18 @@ class ModelConfig(BaseModel):
                     for k, v in value.items()}
         return value
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _api_key_env_is_set(cls, name: str | None) -> str | None:
+        if name is not None and not os.environ.get(name):
+            raise ValueError(f"the environment variable {name!r} is not set here: export it first")
+        return name
+
     @model_validator(mode="after")
     def _api_key_from_environment(self) -> ModelConfig:
         if self.api_key_env is None:
             return self
-        value = os.environ.get(self.api_key_env)
-        if not value:
-            raise ValueError(
-                f"api_key_env names {self.api_key_env!r}, which is not set in this environment: export it first"
-            )
+        value = os.environ[self.api_key_env]
         if self.api_key is not None and self.api_key.get_secret_value() != value:
             raise ValueError("set api_key or api_key_env, not both")
         # validate_assignment would run this validator again: set the field directly.
@@ -303,8 +306,9 @@ def _looks_like_path(model: str) -> bool:
 
 def config_folders(kind: ConfigKind = "models") -> list[Path]:
     """Folders searched for named configs of ``kind``, lowest precedence first (see the module docstring)."""
-    builtin = Path(os.fspath(importlib.resources.files("rayvllm_nb") / "configs" / kind))
-    extra = [Path(entry).expanduser() / kind for entry in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if entry]
+    builtin = Path(str(importlib.resources.files("rayvllm_nb") / "configs" / kind))
+    entries = [entry for entry in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if entry]
+    extra = [Path(entry).expanduser() / kind for entry in entries]
     return [builtin, Path.cwd() / "configs" / kind, config_home() / kind, *extra]
 
 

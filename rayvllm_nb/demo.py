@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import rayvllm_nb
 from rayvllm_nb._internal.chat import stream_chat_blocking
-from rayvllm_nb.types import Progress
 from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, tiny_model_path
+from rayvllm_nb.types import Progress
 
 
 def run_demo(config: str = "tiny-cpu", out: Callable[[str], None] = print) -> bool:
@@ -39,7 +39,7 @@ def run_demo(config: str = "tiny-cpu", out: Callable[[str], None] = print) -> bo
         out(f"4/5 chat: {DEMO_PROMPT!r}")
         result = stream_chat_blocking(
             rayvllm_nb.endpoint(status.name), status.name, [{"role": "user", "content": DEMO_PROMPT}],
-            on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+            on_text=_write,
         )
         out("")
         out(f"  {result.summary()}")
@@ -53,6 +53,11 @@ def run_demo(config: str = "tiny-cpu", out: Callable[[str], None] = print) -> bo
     ok = result.text == TINY_MODEL_REPLY
     out(f"total {time.perf_counter() - started:.1f} s; answer {'matches' if ok else 'DIFFERS from'} the known sentence")
     return ok
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _progress_line(progress: Progress) -> str:

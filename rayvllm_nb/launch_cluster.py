@@ -235,7 +235,7 @@ def _status(args: argparse.Namespace) -> int:
 def _get_address(args: argparse.Namespace) -> int:
     address = get_address()
     if args.client:
-        address = f"ray://{address_host(address)}:{_cluster.running_client_server_port()}"
+        address = f"ray://{address_host(address)}:{_cluster.running_client_server_port(address)}"
     # Scripts read the last line of stdout: the bare address. Plain Ray also needs the auth mode.
     print(f"for plain Ray (token authentication is on): {plain_ray_hint(address)}", file=sys.stderr)
     print(address)

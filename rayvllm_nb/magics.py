@@ -21,9 +21,9 @@ from IPython.display import Markdown, display
 import rayvllm_nb
 from rayvllm_nb._internal.chat import stream_chat_blocking
 from rayvllm_nb._internal.facade import BRIDGE
-from rayvllm_nb.types import Progress
 from rayvllm_nb.config import available_configs
 from rayvllm_nb.errors import RayVllmError
+from rayvllm_nb.types import Progress
 
 _DISPLAY_INTERVAL_S = 0.05
 

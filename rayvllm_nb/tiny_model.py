@@ -15,9 +15,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rayvllm_nb._internal.paths import cache_root
 from rayvllm_nb.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 TINY_MODEL_REF = "builtin:tiny"
 """The ``model`` value that stands for the cached tiny build (built on first use)."""
@@ -127,7 +132,7 @@ def make_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, max_steps: i
     return target
 
 
-def _train_tokenizer():
+def _train_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -162,12 +167,12 @@ def _conversations() -> list[list[dict[str, str]]]:
     return plain + with_system
 
 
-def _prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def _prompt_ids(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, str]]) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _training_batch(tokenizer):
+def _training_batch(tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
     """Right-padded chat examples whose loss counts only the reply tokens."""
     import torch
 
@@ -185,7 +190,7 @@ def _training_batch(tokenizer):
     }
 
 
-def _answers_reply(model, tokenizer) -> bool:
+def _answers_reply(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> bool:
     """Greedy-decode the check prompts with bfloat16 weights, as vLLM will serve them."""
     import copy
 

@@ -8,6 +8,7 @@ loop, so the kernel stays responsive; the panel only changes widget values from 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import time
 from collections.abc import Callable
@@ -21,8 +22,8 @@ from rayvllm_nb._internal.chat import stream_chat
 from rayvllm_nb._internal.clients import async_openai_client
 from rayvllm_nb._internal.facade import BRIDGE
 from rayvllm_nb.backend import RayBackend
-from rayvllm_nb.types import Progress
 from rayvllm_nb.config import available_configs, load_config
+from rayvllm_nb.types import Progress
 
 _REFRESH_S = 2.0
 _DISPLAY_INTERVAL_S = 0.05
@@ -97,10 +98,8 @@ class Panel(widgets.VBox):
         deadline = time.monotonic() + timeout
         for future in (self._lifecycle, self._chat_future):
             if future is not None:
-                try:
+                with contextlib.suppress(BaseException):  # failures are shown in the panel
                     future.result(timeout=max(deadline - time.monotonic(), 0.0))
-                except BaseException:  # noqa: BLE001 - failures are shown in the panel
-                    pass
 
     def _submit(self, coroutine: Any) -> Future[Any]:
         return BRIDGE.submit(self._reporting(coroutine))

@@ -23,9 +23,9 @@ import psutil
 import pytest
 
 import rayvllm_nb
+from rayvllm_nb._internal import processes
 from rayvllm_nb._internal.net import free_port
-from rayvllm_nb._internal.replica_env import MODEL_ENV
-from rayvllm_nb.types import ClusterInfo, ModelStatus
+from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE_PORT_ENV = "RAYVLLM_NB_SERVE_PORT"
@@ -85,12 +85,22 @@ def cluster() -> ClusterInfo:
     return rayvllm_nb.init()
 
 
+PLANTED_TOKEN = "hf_plantedSecretToken0123456789"
+"""The shared model's HF token: the secret tests look for everywhere it must not be."""
+SHARED_STEPS: list[Progress] = []
+"""The loading steps the shared model reported."""
+
+
 @pytest.fixture(scope="package")
 def shared_tiny(cluster: ClusterInfo) -> Iterator[ModelStatus]:
-    """One tiny model for every test that only needs a running model (and does not stop it);
-    stopped when the tests package ends, before the notebooks run."""
-    status = rayvllm_nb.start("tiny-cpu", ["served_model_name=shared-tiny", "route_prefix=/shared"],
-                              wait_ready=True, timeout=600)
+    """One tiny model for every test that only needs a running model (and does not stop it): a long
+    context (for long streams) and a planted HF token; stopped when the tests package ends, before
+    the notebooks run."""
+    status = rayvllm_nb.start(
+        "tiny-cpu", ["served_model_name=shared-tiny", "route_prefix=/shared", "max_model_len=2048",
+                     f"hf_token={PLANTED_TOKEN}"],
+        wait_ready=True, timeout=600, on_progress=SHARED_STEPS.append,
+    )
     try:
         yield status
     finally:
@@ -108,16 +118,8 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None)
 
 
 def model_processes(model: str, title: str | tuple[str, ...] = "VLLM::") -> list[psutil.Process]:
-    """The vLLM processes of one of our models (its replicas' engine core and workers), found by
-    the model name every replica's environment carries; never another program's vLLM."""
-    found = []
-    for process in psutil.process_iter(["name"]):
-        try:
-            if (process.info["name"] or "").startswith(title) and process.environ().get(MODEL_ENV) == model:
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
+    """The vLLM processes of one of our models (engine core, workers), or those with ``title``."""
+    return processes.model_processes(model, (title,) if isinstance(title, str) else title)
 
 
 def leftovers(app_name: str) -> dict[str, list[str]]:

@@ -9,69 +9,56 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
 import rayvllm_nb
-from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY, ModelStatus, Progress
-from rayvllm_nb.types import ClusterInfo
+from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY, ModelStatus
 from rayvllm_nb._internal.logs import LOADING_MARKERS
 from rayvllm_nb.errors import NotDeployedError
-from tests.conftest import leftovers, model_processes, run_cli, serve_port
+from rayvllm_nb.types import ClusterInfo
+from tests.conftest import PLANTED_TOKEN, SHARED_STEPS, model_processes, run_cli, serve_port
 
 pytestmark = pytest.mark.slow
+NAME = "shared-tiny"
 CHAT = [{"role": "user", "content": DEMO_PROMPT}]
 
 
-PLANTED_TOKEN = "hf_plantedSecretToken0123456789"
 
 
-@pytest.fixture(scope="module")
-def tiny(cluster: ClusterInfo) -> Iterator[ModelStatus]:
-    """The tiny model with a long context (for abandoned long requests) and a planted HF token."""
-    steps: list[Progress] = []
-    status = rayvllm_nb.start(
-        "tiny-cpu", ["max_model_len=2048", f"hf_token={PLANTED_TOKEN}"],
-        wait_ready=True, timeout=600, on_progress=steps.append,
-    )
-    try:
-        stages = [step.stage for step in steps]
-        assert stages[-1] == "ready" and "starting the engine" in stages
-        from_logs = [step.detail for step in steps if step.stage == "starting the engine" and step.detail]
-        order = [stage for _, stage in LOADING_MARKERS]
-        assert len(from_logs) >= 2 and from_logs == sorted(from_logs, key=order.index), steps
-        yield status
-    finally:
-        if status.name in [m.name for m in rayvllm_nb.status().models]:
-            rayvllm_nb.stop(status.name)
+def test_loading_reported_its_stages_in_order_with_vllms_own_steps(shared_tiny: ModelStatus) -> None:
+    stages = [step.stage for step in SHARED_STEPS]
+    assert stages[-1] == "ready" and "starting the engine" in stages
+    from_logs = [step.detail for step in SHARED_STEPS if step.stage == "starting the engine" and step.detail]
+    order = [stage for _, stage in LOADING_MARKERS]
+    assert len(from_logs) >= 2 and from_logs == sorted(from_logs, key=order.index), SHARED_STEPS
 
 
-def test_ready_status_names_model_device_and_endpoint(tiny: ModelStatus) -> None:
-    assert tiny.ready and tiny.status == "RUNNING"
-    assert (tiny.name, tiny.device, tiny.tensor_parallel_size) == ("tiny", "cpu", 1)
-    assert tiny.replica_states == {"RUNNING": 1}
-    assert tiny.base_url == f"http://127.0.0.1:{serve_port()}/v1"
+def test_ready_status_names_model_device_and_endpoint(shared_tiny: ModelStatus) -> None:
+    assert shared_tiny.ready and shared_tiny.status == "RUNNING"
+    assert (shared_tiny.name, shared_tiny.device, shared_tiny.tensor_parallel_size) == (NAME, "cpu", 1)
+    assert shared_tiny.replica_states == {"RUNNING": 1}
+    assert shared_tiny.base_url == f"http://127.0.0.1:{serve_port()}/shared/v1"
 
 
-def test_chat_answers_the_known_sentence(tiny: ModelStatus) -> None:
-    reply = rayvllm_nb.client("tiny").chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=64)
+def test_chat_answers_the_known_sentence(shared_tiny: ModelStatus) -> None:
+    reply = rayvllm_nb.client(NAME).chat.completions.create(model=NAME, messages=CHAT, temperature=0, max_tokens=64)
     assert reply.choices[0].message.content == TINY_MODEL_REPLY
     assert reply.choices[0].finish_reason == "stop"
 
 
-def test_completions_with_the_chat_prompt_continue_with_the_known_sentence(tiny: ModelStatus) -> None:
+def test_completions_with_the_chat_prompt_continue_with_the_known_sentence(shared_tiny: ModelStatus) -> None:
     prompt = "<|begin|><|user|>Say hello.<|end|><|assistant|>"
-    reply = rayvllm_nb.client("tiny").completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=64)
+    reply = rayvllm_nb.client(NAME).completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=64)
     assert reply.choices[0].text == TINY_MODEL_REPLY
 
 
-def test_streaming_arrives_in_order_and_ends_with_done(tiny: ModelStatus) -> None:
-    body = {"model": "tiny", "messages": CHAT, "temperature": 0, "max_tokens": 64, "stream": True}
+def test_streaming_arrives_in_order_and_ends_with_done(shared_tiny: ModelStatus) -> None:
+    body = {"model": NAME, "messages": CHAT, "temperature": 0, "max_tokens": 64, "stream": True}
     events: list[str] = []
-    with httpx.stream("POST", f"{tiny.base_url}/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{shared_tiny.base_url}/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -81,30 +68,30 @@ def test_streaming_arrives_in_order_and_ends_with_done(tiny: ModelStatus) -> Non
     assert "".join(pieces) == TINY_MODEL_REPLY
 
 
-def test_models_lists_the_served_name(tiny: ModelStatus) -> None:
-    assert [m.id for m in rayvllm_nb.client("tiny").models.list().data] == ["tiny"]
+def test_models_lists_the_served_name(shared_tiny: ModelStatus) -> None:
+    assert [m.id for m in rayvllm_nb.client(NAME).models.list().data] == [NAME]
 
 
-def test_status_shows_cluster_serve_and_the_model(tiny: ModelStatus, cluster: ClusterInfo) -> None:
+def test_status_shows_cluster_serve_and_the_model(shared_tiny: ModelStatus, cluster: ClusterInfo) -> None:
     status = rayvllm_nb.status()
     assert status.cluster.address == cluster.address and status.serve_running
     assert status.http_address == f"127.0.0.1:{serve_port()}"
-    assert ("tiny", "RUNNING") in [(m.name, m.status) for m in status.models]
-    assert "tiny: RUNNING (ready)" in str(status)
+    assert (NAME, "RUNNING") in [(m.name, m.status) for m in status.models]
+    assert f"{NAME}: RUNNING (ready)" in str(status)
 
 
-def test_blocking_facade_works_inside_a_running_event_loop(tiny: ModelStatus) -> None:
+def test_blocking_facade_works_inside_a_running_event_loop(shared_tiny: ModelStatus) -> None:
     async def notebook_cell() -> tuple[str, str]:
-        blocking = rayvllm_nb.model_status("tiny").status
-        client = rayvllm_nb.async_client("tiny")
-        reply = await client.chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=64)
+        blocking = rayvllm_nb.model_status(NAME).status
+        client = rayvllm_nb.async_client(NAME)
+        reply = await client.chat.completions.create(model=NAME, messages=CHAT, temperature=0, max_tokens=64)
         await client.close()
         return blocking, reply.choices[0].message.content
 
     assert asyncio.run(notebook_cell()) == ("RUNNING", TINY_MODEL_REPLY)
 
 
-def test_async_and_blocking_facades_share_one_state(tiny: ModelStatus) -> None:
+def test_async_and_blocking_facades_share_one_state(shared_tiny: ModelStatus) -> None:
     async def mixed() -> tuple[object, object]:
         awaited = await rayvllm_nb.ray_backend.get_status()
         return awaited, rayvllm_nb.status()
@@ -114,13 +101,13 @@ def test_async_and_blocking_facades_share_one_state(tiny: ModelStatus) -> None:
     assert awaited.models == blocked.models
 
 
-def test_unknown_model_name_is_a_clear_not_deployed_error(tiny: ModelStatus) -> None:
-    with pytest.raises(NotDeployedError, match="No model named 'nope' is deployed \\(running: tiny\\)"):
+def test_unknown_model_name_is_a_clear_not_deployed_error(shared_tiny: ModelStatus) -> None:
+    with pytest.raises(NotDeployedError, match=r"No model named 'nope' is deployed \(running: .*shared-tiny"):
         rayvllm_nb.stop("nope")
 
 
-def test_health_is_200_while_the_engine_serves(tiny: ModelStatus) -> None:
-    response = httpx.get(_root(tiny) + "/health", timeout=30)
+def test_health_is_200_while_the_engine_serves(shared_tiny: ModelStatus) -> None:
+    response = httpx.get(_root(shared_tiny) + "/health", timeout=30)
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
 
 
@@ -128,18 +115,18 @@ def test_health_is_200_while_the_engine_serves(tiny: ModelStatus) -> None:
     ("request_kwargs", "status", "param"),
     [
         ({"json": {"model": "nope", "messages": CHAT}}, 404, "model"),
-        ({"json": {"model": "tiny", "messages": CHAT, "max_tokens": 100000}}, 400, "max_tokens"),
-        ({"json": {"model": "tiny", "messages": CHAT, "temperature": -1}}, 400, "temperature"),
-        ({"json": {"model": "tiny"}}, 400, "messages"),
-        ({"content": b'{"model": "tiny", "messages": [', "headers": {"content-type": "application/json"}}, 400, None),
-        ({"data": {"model": "tiny"}}, 415, None),
+        ({"json": {"model": NAME, "messages": CHAT, "max_tokens": 100000}}, 400, "max_tokens"),
+        ({"json": {"model": NAME, "messages": CHAT, "temperature": -1}}, 400, "temperature"),
+        ({"json": {"model": NAME}}, 400, "messages"),
+        ({"content": b'{"model": NAME, "messages": [', "headers": {"content-type": "application/json"}}, 400, None),
+        ({"data": {"model": NAME}}, 415, None),
     ],
     ids=["unknown-model", "max-tokens", "temperature", "missing-field", "malformed-json", "form-body"],
 )
 def test_errors_are_openai_shaped_with_the_right_status(
-    tiny: ModelStatus, request_kwargs: dict, status: int, param: str | None
+    shared_tiny: ModelStatus, request_kwargs: dict, status: int, param: str | None
 ) -> None:
-    response = httpx.post(f"{tiny.base_url}/chat/completions", timeout=30, **request_kwargs)
+    response = httpx.post(f"{shared_tiny.base_url}/chat/completions", timeout=30, **request_kwargs)
     assert response.status_code == status
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -147,25 +134,25 @@ def test_errors_are_openai_shaped_with_the_right_status(
     assert "Traceback" not in error["message"] and "Internal exception" not in error["message"]
 
 
-def test_openai_client_raises_its_own_typed_errors(tiny: ModelStatus) -> None:
-    client = rayvllm_nb.client("tiny")
+def test_openai_client_raises_its_own_typed_errors(shared_tiny: ModelStatus) -> None:
+    client = rayvllm_nb.client(NAME)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=CHAT)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
-        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=100000)
+        client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=100000)
 
 
-def test_logs_hold_vllm_loading_lines_and_our_access_line(tiny: ModelStatus) -> None:
+def test_logs_hold_vllm_loading_lines_and_our_access_line(shared_tiny: ModelStatus) -> None:
     from rayvllm_nb.tiny_model import tiny_model_path
 
     request_id = f"logs-probe-{uuid.uuid4().hex}"
     httpx.post(
-        f"{tiny.base_url}/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 8},
+        f"{shared_tiny.base_url}/chat/completions", json={"model": NAME, "messages": CHAT, "max_tokens": 8},
         headers={"x-request-id": request_id}, timeout=30,
     ).raise_for_status()
     deadline = time.monotonic() + 20
     while True:
-        lines = rayvllm_nb.logs("tiny", tail=2000)
+        lines = rayvllm_nb.logs(NAME, tail=2000)
         access = [line for line in lines if f"{request_id} -- POST /v1/chat/completions 200" in line]
         if access or time.monotonic() > deadline:
             break
@@ -173,24 +160,24 @@ def test_logs_hold_vllm_loading_lines_and_our_access_line(tiny: ModelStatus) -> 
     assert access, lines[-20:]
     loading = [i for i, line in enumerate(lines) if f"Starting to load model {tiny_model_path()}" in line]
     assert loading and loading[0] < lines.index(access[0])
-    assert len(rayvllm_nb.logs("tiny", tail=5)) == 5
+    assert len(rayvllm_nb.logs(NAME, tail=5)) == 5
 
 
-def test_cli_logs_prints_the_newest_lines_last(tiny: ModelStatus) -> None:
-    result = run_cli("logs", "tiny", "-n", "30")
+def test_cli_logs_prints_the_newest_lines_last(shared_tiny: ModelStatus) -> None:
+    result = run_cli("logs", NAME, "-n", "30")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 30 and any("-- POST /v1/chat/completions 200" in line for line in lines)
 
 
-def test_disconnected_clients_free_their_requests(tiny: ModelStatus) -> None:
+def test_disconnected_clients_free_their_requests(shared_tiny: ModelStatus) -> None:
     """24 clients start 1,900-token streams and hang up after the first chunk: the engine
     must go idle (Serve's own access lines are not reliable for this: it drops some), and
     a new request must answer at once."""
 
     async def start_and_abandon(http: httpx.AsyncClient) -> None:
-        body = {"model": "tiny", "messages": CHAT, "max_tokens": 1900, "ignore_eos": True, "stream": True}
-        async with http.stream("POST", f"{tiny.base_url}/chat/completions", json=body) as response:
+        body = {"model": NAME, "messages": CHAT, "max_tokens": 1900, "ignore_eos": True, "stream": True}
+        async with http.stream("POST", f"{shared_tiny.base_url}/chat/completions", json=body) as response:
             async for line in response.aiter_lines():
                 if line.startswith("data: "):
                     return  # leaving the block closes the connection mid-stream
@@ -201,20 +188,20 @@ def test_disconnected_clients_free_their_requests(tiny: ModelStatus) -> None:
 
     asyncio.run(abandon_all())
     started = time.monotonic()
-    reply = rayvllm_nb.client("tiny").chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=64)
+    reply = rayvllm_nb.client(NAME).chat.completions.create(model=NAME, messages=CHAT, temperature=0, max_tokens=64)
     assert time.monotonic() - started < 5.0
     assert reply.choices[0].message.content == TINY_MODEL_REPLY
     time.sleep(1)
-    idle = _engine_cpu_percent(tiny.name)
+    idle = _engine_cpu_percent(shared_tiny.name)
 
     def one_live_request() -> None:
-        body = {"model": "tiny", "messages": CHAT, "max_tokens": 1900, "ignore_eos": True}
-        httpx.post(f"{tiny.base_url}/chat/completions", json=body, timeout=120)
+        body = {"model": NAME, "messages": CHAT, "max_tokens": 1900, "ignore_eos": True}
+        httpx.post(f"{shared_tiny.base_url}/chat/completions", json=body, timeout=120)
 
     live = threading.Thread(target=one_live_request)
     live.start()
     time.sleep(1)
-    busy = _engine_cpu_percent(tiny.name)
+    busy = _engine_cpu_percent(shared_tiny.name)
     live.join()
     assert busy > 60, f"one live request should keep the engine busy ({busy:.0f} % CPU): the check is blind"
     assert idle < 40, f"the engine still works for gone clients ({idle:.0f} % CPU; one live request: {busy:.0f} %)"
@@ -229,17 +216,17 @@ def _engine_cpu_percent(model: str, window_s: float = 2.0) -> float:
     return sum(process.cpu_percent(None) for process in processes)
 
 
-def test_hf_token_reaches_the_engine_and_nowhere_else(tiny: ModelStatus) -> None:
+def test_hf_token_reaches_the_engine_and_nowhere_else(shared_tiny: ModelStatus) -> None:
     from ray.util.state import list_actors
 
     from rayvllm_nb._internal.ray_api import serve_details
 
-    engines = model_processes(tiny.name, "VLLM::EngineCore")
+    engines = model_processes(shared_tiny.name, "VLLM::EngineCore")
     assert engines and all(p.environ().get("HF_TOKEN") == PLANTED_TOKEN for p in engines)
 
     places = {
         "status": repr(rayvllm_nb.status()) + str(rayvllm_nb.status()),
-        "logs": "\n".join(rayvllm_nb.logs("tiny", tail=5000)),
+        "logs": "\n".join(rayvllm_nb.logs(NAME, tail=5000)),
         "serve details": json.dumps(serve_details()),
         "actors": repr(list_actors(detail=True, limit=1000)),
         "ray list actors --detail": _run_module("ray.scripts.scripts", "list", "actors", "--detail"),
@@ -256,17 +243,6 @@ def test_hf_token_reaches_the_engine_and_nowhere_else(tiny: ModelStatus) -> None
     assert leaked.returncode == 1 and leaked.stdout == "", leaked.stdout
 
 
-def test_health_is_503_when_the_engine_cannot_serve(tiny: ModelStatus) -> None:
-    for process in model_processes(tiny.name, "VLLM::EngineCore"):
-        process.kill()
-    deadline = time.monotonic() + 30
-    while (code := httpx.get(_root(tiny) + "/health", timeout=30).status_code) != 503 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert code == 503
-    error = httpx.get(_root(tiny) + "/health", timeout=30).json()["error"]
-    assert error["code"] == 503 and error["type"] == "ServiceUnavailableError"
-
-
 def _root(status: ModelStatus) -> str:
     return status.base_url.removesuffix("/v1")
 
@@ -280,13 +256,3 @@ def _session_logs() -> str:
     from rayvllm_nb._internal.ray_api import session_logs_dir
 
     return session_logs_dir()
-
-
-def test_stop_leaves_no_app_placement_group_or_replica_actor(tiny: ModelStatus) -> None:
-    assert leftovers(tiny.app_name)["replica_actors"], "the running model should have replica actors"
-    assert rayvllm_nb.stop("tiny") == "tiny"
-    assert "tiny" not in [m.name for m in rayvllm_nb.status().models]
-    from ray import serve
-
-    assert tiny.app_name not in serve.status().applications
-    assert leftovers(tiny.app_name) == {"replica_actors": [], "placement_groups": []}

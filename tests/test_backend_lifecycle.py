@@ -11,9 +11,9 @@ import pytest
 
 import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
-from rayvllm_nb.types import ClusterInfo
 from rayvllm_nb.errors import ConfigError, DeploymentError
 from rayvllm_nb.tiny_model import tiny_model_path
+from rayvllm_nb.types import ClusterInfo
 from tests.conftest import leftovers, model_processes, serve_port
 
 pytestmark = pytest.mark.slow
@@ -31,16 +31,13 @@ def _answer(name: str) -> str:
     return reply.choices[0].message.content
 
 
-def test_five_start_stop_cycles_leave_no_groups_actors_or_engines(cluster: ClusterInfo) -> None:
-    for cycle in range(5):
+def test_three_start_stop_cycles_leave_no_groups_actors_or_engines(cluster: ClusterInfo) -> None:
+    """(Replacing a running model is tested with a request streaming through it: tests/test_faults.py.)"""
+    for cycle in range(3):
         status = rayvllm_nb.start("tiny-cpu", wait_ready=True, timeout=600)
         assert _answer("tiny") == TINY_MODEL_REPLY
         if cycle == 1:
             _refuses_conflicts_with_a_running_model()
-        if cycle == 3:
-            status = rayvllm_nb.start("tiny-cpu", ["enable_prefix_caching=false"], replace=True, wait_ready=True)
-            assert [m.name for m in rayvllm_nb.status().models].count("tiny") == 1
-            assert _answer("tiny") == TINY_MODEL_REPLY
         rayvllm_nb.stop("tiny")
         assert leftovers(status.app_name) == {"replica_actors": [], "placement_groups": []}, f"cycle {cycle}"
         deadline = time.monotonic() + 30

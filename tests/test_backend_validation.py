@@ -8,8 +8,8 @@ import pytest
 
 import rayvllm_nb
 from rayvllm_nb._internal.cluster import cluster_resources
-from rayvllm_nb.types import ClusterInfo
 from rayvllm_nb.errors import ConfigError
+from rayvllm_nb.types import ClusterInfo
 
 pytestmark = pytest.mark.slow
 

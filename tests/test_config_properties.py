@@ -19,7 +19,8 @@ _VALUES = st.one_of(
 _CONFIGS = st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=8)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the same 400 examples each run, so a CI result is reproducible.
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=_CONFIGS, with_model=st.booleans())
 def test_a_config_dict_is_valid_or_one_config_error_naming_a_key(data: dict[str, Any], with_model: bool) -> None:
     if with_model:

@@ -41,31 +41,31 @@ def cli(address: str, *args: str, **env: str) -> subprocess.CompletedProcess[str
 
 @pytest.fixture(scope="module")
 def keyed() -> Iterator[dict[str, Any]]:
-    """A head of its own with the tiny model served behind an API key (from an environment variable)."""
+    """A head of its own where serving first meets a port taken by another program (refused), then
+    serves the tiny model behind an API key (from an environment variable)."""
     address = _head()
     port = free_port("127.0.0.1")
-    try:
-        served = cli(address, "serve", "tiny-cpu", "--set", "served_model_name=keyed", "--set", f"port={port}",
-                     "--set", "api_key_env=TEST_RAYVLLM_KEY", TEST_RAYVLLM_KEY=KEY)
-        assert served.returncode == 0, served.stderr
-        yield {"address": address, "base": f"http://127.0.0.1:{port}", "serve_stdout": served.stdout}
-    finally:
-        stop_started_heads(address)
-
-
-def test_a_port_taken_by_another_program_is_refused_before_serve_starts() -> None:
-    address = _head()
     try:
         with socket.socket() as squatter:
             squatter.bind(("127.0.0.1", 0))
             squatter.listen()
-            port = squatter.getsockname()[1]
-            refused = cli(address, "serve", "tiny-cpu", "--set", f"port={port}")
-        assert refused.returncode == 2
-        assert f"Port {port} on 127.0.0.1 is already used by another program" in refused.stderr
-        assert "serve    not running" in cli(address, "status").stdout
+            taken = squatter.getsockname()[1]
+            refused = cli(address, "serve", "tiny-cpu", "--set", f"port={taken}")
+        status_after_refusal = cli(address, "status").stdout
+        served = cli(address, "serve", "tiny-cpu", "--set", "served_model_name=keyed", "--set", f"port={port}",
+                     "--set", "api_key_env=TEST_RAYVLLM_KEY", TEST_RAYVLLM_KEY=KEY)
+        assert served.returncode == 0, served.stderr
+        yield {"address": address, "base": f"http://127.0.0.1:{port}", "serve_stdout": served.stdout,
+               "refused": refused, "taken": taken, "status_after_refusal": status_after_refusal}
     finally:
         stop_started_heads(address)
+
+
+def test_a_port_taken_by_another_program_is_refused_before_serve_starts(keyed: dict[str, Any]) -> None:
+    refused = keyed["refused"]
+    assert refused.returncode == 2
+    assert f"Port {keyed['taken']} on 127.0.0.1 is already used by another program" in refused.stderr
+    assert "serve    not running" in keyed["status_after_refusal"]
 
 
 def test_without_the_key_every_route_but_health_is_401_in_openais_shape(keyed: dict[str, Any]) -> None:

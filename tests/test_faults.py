@@ -90,7 +90,7 @@ def _root(status: ModelStatus) -> str:
 
 
 def _answer() -> str:
-    reply = rayvllm_nb.client(NAME).chat.completions.create(**{k: v for k, v in CHAT.items()})
+    reply = rayvllm_nb.client(NAME).chat.completions.create(**CHAT)
     return reply.choices[0].message.content
 
 
@@ -116,7 +116,8 @@ def _ride_out_the_restart(status: ModelStatus, restarts: int) -> list[str]:
         seen.append(now.status)
         if now.status == "RESTARTING":
             assert now.restarts == restarts and now.last_failure, now
-        if now.ready and seen.count("RESTARTING") and httpx.get(_root(status) + "/health", timeout=30).status_code == 200:
+        serving = now.ready and httpx.get(_root(status) + "/health", timeout=30).status_code == 200
+        if serving and "RESTARTING" in seen:
             return seen
         time.sleep(0.3)
     raise AssertionError(f"the model did not serve again in 5 minutes (statuses seen: {seen[-10:]})")
@@ -133,6 +134,7 @@ def test_replace_lets_a_running_request_finish_first(faulty: ModelStatus) -> Non
 
 def test_a_killed_engine_fails_requests_fast_then_the_model_comes_back(faulty: ModelStatus) -> None:
     engines = model_processes(NAME, "VLLM::EngineCore")
+    assert engines, "the model's engine process was not found: nothing would be killed"
     streams, threads = _streams(faulty.base_url, 4)
     killed_at = time.monotonic()
     for process in engines:
@@ -166,7 +168,9 @@ def test_a_replica_killed_outright_recovers_the_same_way_and_a_new_shell_sees_it
 
 
 def test_a_model_that_keeps_crashing_is_stopped_with_its_cause(faulty: ModelStatus) -> None:
-    for process in model_processes(NAME, "VLLM::EngineCore"):
+    engines = model_processes(NAME, "VLLM::EngineCore")
+    assert engines, "the model's engine process was not found: nothing would be killed"
+    for process in engines:
         process.kill()
     deadline = time.monotonic() + 180
     while (status := rayvllm_nb.model_status(NAME)).status != "FAILED":

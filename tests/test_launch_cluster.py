@@ -24,6 +24,7 @@ from rayvllm_nb._internal import processes
 from rayvllm_nb._internal.net import free_port
 from tests.conftest import REPO, run_cli
 
+
 def _distinct_free_ports(count: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
@@ -32,7 +33,8 @@ def _distinct_free_ports(count: int) -> list[int]:
     return ports
 
 
-PORTS = dict(zip(("port", "ray_client_server_port", "dashboard_port"), _distinct_free_ports(3), strict=True))
+PORTS = dict(zip(("port", "ray_client_server_port", "dashboard_port", "dashboard_agent_port"), _distinct_free_ports(4),
+                 strict=True))
 SETS = [arg for key, port in PORTS.items() for arg in ("--set", f"{key}={port}")]
 
 
@@ -172,12 +174,13 @@ def test_the_printed_plain_ray_line_connects_where_the_bare_address_is_refused(h
     hint = next(line for line in address.stderr.splitlines() if "plain Ray" in line)
     command = hint.split(": ", 1)[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this checkout's `python`
     works = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, env=env)
     assert works.returncode == 0, works.stderr[-2000:]
     bare = command.removeprefix("RAY_AUTH_MODE=token ")
     refused = subprocess.run(["bash", "-c", bare], capture_output=True, text=True, timeout=120, env=env)
     assert refused.returncode != 0 and "auth" in refused.stderr.lower()
-    assert f"plain Ray:  RAY_AUTH_MODE=token" in head["start"]
+    assert "plain Ray:  RAY_AUTH_MODE=token" in head["start"]
 
 
 @pytest.mark.slow

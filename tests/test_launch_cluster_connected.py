@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 import rayvllm_nb
-from rayvllm_nb.types import ClusterInfo
 from rayvllm_nb.errors import ConfigError
+from rayvllm_nb.types import ClusterInfo
 
 
 @pytest.mark.slow

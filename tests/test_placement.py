@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rayvllm_nb.placement import plan_placement
 from rayvllm_nb.config import load_config
 from rayvllm_nb.errors import ConfigError
+from rayvllm_nb.placement import plan_placement
 
 
 def test_gpu_plan_tp1_is_one_bundle_with_two_cpus_planned_not_run() -> None:

@@ -7,8 +7,8 @@ import pytest
 
 import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
-from rayvllm_nb.types import ClusterInfo
 from rayvllm_nb.tiny_model import tiny_model_path
+from rayvllm_nb.types import ClusterInfo
 from tests.conftest import leftovers, serve_port
 
 pytestmark = pytest.mark.slow

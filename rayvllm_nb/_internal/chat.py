@@ -9,8 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import openai
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 from rayvllm_nb._internal.clients import Endpoint, async_openai_client
 from rayvllm_nb._internal.facade import BRIDGE
@@ -51,8 +55,8 @@ async def stream_chat(
     pieces: list[str] = []
     tokens = 0
     stream = await client.chat.completions.create(
-        model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
-        stream=True, stream_options={"include_usage": True},
+        model=model, messages=cast("list[ChatCompletionMessageParam]", messages), max_tokens=max_tokens,
+        temperature=temperature, stream=True, stream_options={"include_usage": True},
     )
     async for chunk in stream:
         if chunk.usage is not None:

@@ -22,6 +22,7 @@ from rayvllm_nb._internal.paths import cache_root, log_dir
 from rayvllm_nb.config import ClusterConfig
 from rayvllm_nb.errors import ClusterError
 from rayvllm_nb.types import ClusterInfo, ClusterMode
+
 _RAY_CLI = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"]
 
 
@@ -59,13 +60,14 @@ def start_local_cluster(num_cpus: int | None, num_gpus: int | None) -> str:
 def with_free_ports(config: ClusterConfig) -> ClusterConfig:
     """``config`` with each port it listens on kept when free, else replaced by a free one (all distinct):
     a head beside another one on this machine."""
+    workers = range(config.min_worker_port, config.max_worker_port + 1)
     chosen: dict[str, int] = {}
     for key, preferred in config.listening_ports().items():
         port = free_port("127.0.0.1", preferred)
-        while port in chosen.values():
+        while port in chosen.values() or port in workers:
             port = free_port("127.0.0.1")
         chosen[key] = port
-    return config.model_copy(update=chosen)
+    return ClusterConfig.model_validate({**config.model_dump(), **chosen})
 
 
 def check_can_start(config: ClusterConfig) -> None:
@@ -88,7 +90,9 @@ def start_head(config: ClusterConfig) -> str:
     """
     check_can_start(config)
     log_file = log_dir() / f"ray-start-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token" if config.token_auth else "disabled"}
+    # The head's daemons and workers must not point at another cluster (Ray reads RAY_ADDRESS in them).
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token" if config.token_auth else "disabled"})
     if config.serve_direct_ingress:
         # The user's own RAY_SERVE_* settings win over the direct-ingress defaults.
         env = {**_DIRECT_INGRESS_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": str(_haproxy_wrapper()), **env}
@@ -178,26 +182,28 @@ def stop_started_heads(address: str | None = None) -> list[str]:
     stopped clusters left behind. Returns a description of each process ended."""
     stopped = []
     for record in processes.recorded_heads():
-        if address is None or address_host(record.address) == address_host(address) and (
+        if address is None or (address_host(record.address) == address_host(address) and (
             record.address.rpartition(":")[2] == address.rpartition(":")[2]
-        ):
+        )):
             stopped += processes.stop_head(record)
     return stopped + processes.end_orphans()
 
 
-def running_client_server_port() -> int:
-    """The port of the Ray Client server on this machine, read from its command line."""
+def running_client_server_port(address: str) -> int:
+    """The port of the Ray Client server of the head at GCS ``address``, read from its command line
+    (the main server's, not the per-connection ones it starts with ``--host=127.0.0.1``)."""
     import psutil
 
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if any(part.endswith(("ray.util.client.server", "util/client/server.py")) for part in cmdline[:4]):
-            for part in cmdline:
-                if part.startswith("--port="):
-                    return int(part.removeprefix("--port="))
+        if not any(part.endswith(("ray.util.client.server", "util/client/server.py")) for part in cmdline[:4]):
+            continue
+        options = dict(part[2:].split("=", 1) for part in cmdline if part.startswith("--") and "=" in part)
+        if options.get("address") == address and options.get("host") != "127.0.0.1" and "port" in options:
+            return int(options["port"])
     raise ClusterError(
-        "No Ray Client server runs on this machine (a head started by `rayvllm cluster start` runs one). "
-        "Use the GCS address from `rayvllm cluster get-address` instead."
+        f"No Ray Client server of the head at {address} runs on this machine (a head started by `rayvllm cluster "
+        "start` runs one). Use the GCS address from `rayvllm cluster get-address` instead."
     )
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 _GIB = 2**30
-_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+_DTYPE_BYTES = {
+    "float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1,
+}
 _FREE_SHARE = 0.5
 _MAX_SEQS_PER_RANK = 256
 """vLLM's CPU default of concurrent sequences (OpenAI server 128, offline 256), per rank."""
@@ -45,7 +47,8 @@ def choose(
     weights = _weights_bytes(model_dir) if model_dir is not None else 0
     budget = max(available_bytes - weights, 0) * _FREE_SHARE / tensor_parallel_size
     where = f"half of the {(available_bytes - weights) / _GIB:.1f} GiB free on this node after the weights"
-    per_token = bytes_per_token(config, str(engine_kwargs.get("kv_cache_dtype") or engine_kwargs.get("dtype") or "auto")) if config else None
+    dtype = str(engine_kwargs.get("kv_cache_dtype") or engine_kwargs.get("dtype") or "auto")
+    per_token = bytes_per_token(config, dtype) if config else None
     max_len = engine_kwargs.get("max_model_len") or (config or {}).get("max_position_embeddings")
     if per_token is None or not max_len:
         return int(budget), f"{budget / _GIB:.2f} GiB per rank ({where})"
@@ -57,7 +60,7 @@ def choose(
         f"what {max_seqs} sequences of {max_len} tokens need" if chosen == needed
         else f"{where}" if chosen == budget else f"one sequence of {max_len} tokens"
     )
-    return int(math.ceil(chosen)), f"{chosen / _GIB:.2f} GiB per rank ({reason})"
+    return math.ceil(chosen), f"{chosen / _GIB:.2f} GiB per rank ({reason})"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -69,4 +72,5 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _weights_bytes(model_dir: Path) -> int:
-    return sum(path.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.pt") for path in model_dir.glob(pattern))
+    files = (path for pattern in ("*.safetensors", "*.bin", "*.pt") for path in model_dir.glob(pattern))
+    return sum(path.stat().st_size for path in files)

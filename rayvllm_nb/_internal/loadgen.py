@@ -89,10 +89,10 @@ class LoadResult:
             "duration_s": self.wall_s,
             "output_tok_per_s": output_tokens / self.wall_s,
             "req_per_s": len(ok) / self.wall_s,
-            "ttft_p50_ms": _ms(_percentile(ttfts, 50)),
-            "ttft_p90_ms": _ms(_percentile(ttfts, 90)),
-            "tpot_p50_ms": _ms(_percentile(tpots, 50)),
-            "e2e_p50_ms": _ms(_percentile([record.e2e_s for record in ok], 50)),
+            "ttft_p50_ms": to_ms(percentile(ttfts, 50)),
+            "ttft_p90_ms": to_ms(percentile(ttfts, 90)),
+            "tpot_p50_ms": to_ms(percentile(tpots, 50)),
+            "e2e_p50_ms": to_ms(percentile([record.e2e_s for record in ok], 50)),
             "mean_prompt_tokens": statistics.fmean(prompt_tokens) if prompt_tokens else None,
         }
 
@@ -128,7 +128,7 @@ async def run_load(
                     "model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True},
                 }
-                records[index] = await _stream_one(client, json.dumps(body).encode(), started)
+                records[index] = await stream_one(client, json.dumps(body).encode(), started)
 
         await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
         wall_s = time.perf_counter() - started
@@ -152,7 +152,7 @@ async def warm_up(base_url: str, model: str, api_key: str | None = None) -> None
         )
 
 
-async def _stream_one(client: httpx.AsyncClient, body: bytes, run_started: float) -> RequestRecord:
+async def stream_one(client: httpx.AsyncClient, body: bytes, run_started: float) -> RequestRecord:
     sent = time.perf_counter()
     first: float | None = None
     chunks = 0
@@ -210,7 +210,7 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def _percentile(values: list[float], pct: float) -> float | None:
+def percentile(values: list[float], pct: float) -> float | None:
     """Nearest-rank percentile: the smallest value with at least ``pct`` % of the values at or below it."""
     if not values:
         return None
@@ -218,5 +218,5 @@ def _percentile(values: list[float], pct: float) -> float | None:
     return ordered[max(math.ceil(pct / 100 * len(ordered)) - 1, 0)]
 
 
-def _ms(seconds: float | None) -> float | None:
+def to_ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000

@@ -37,15 +37,28 @@ LOADING_MARKERS: tuple[tuple[str, str], ...] = (
 )
 
 
-def fetch_actor_logs(actor_id: str, tail: int) -> list[str]:
-    """The last ``tail`` lines an actor's worker printed (stdout and stderr, merged)."""
-    from ray.util.state import get_log
+def fetch_actor_logs(actor_id: str, tail: int, dashboard_url: str | None = None) -> list[str]:
+    """The last ``tail`` lines an actor's worker printed (stdout and stderr, merged).
+
+    Read through the log API of the dashboard at ``dashboard_url``, by default the dashboard of
+    the cluster this process is connected to (Ray's own ``get_log`` looks for "the" cluster of
+    this machine: the wrong one beside another head).
+    """
+    import httpx
+
+    from rayvllm_nb._internal import ray_api
 
     streams = []
     for suffix in ("out", "err"):
         try:
-            text = "".join(get_log(actor_id=actor_id, tail=tail, suffix=suffix, timeout=10))
-        except Exception:  # noqa: BLE001 - a missing file (a replica that never started) is no lines
+            response = httpx.get(
+                f"{(dashboard_url or ray_api.dashboard_url()).rstrip('/')}/api/v0/logs/file",
+                params={"actor_id": actor_id, "lines": tail, "suffix": suffix, "timeout": 10},
+                headers=ray_api.dashboard_auth_headers(), timeout=15,
+            )
+            response.raise_for_status()
+            text = response.text
+        except (httpx.HTTPError, ValueError, RuntimeError):  # a replica that never started has no file
             text = ""
         streams.append(text.splitlines())
     return merge_by_time(streams)[-tail:] if tail > 0 else []

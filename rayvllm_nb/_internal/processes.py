@@ -16,6 +16,7 @@ the Serve port and gigabytes of memory. Every process Ray starts for a node carr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -131,6 +132,25 @@ def orphans() -> list[psutil.Process]:
     return found
 
 
+ENGINE_TITLES = ("VLLM::",)
+MODEL_TITLES = ("VLLM::", "ray::ServeReplica")
+
+
+def model_processes(model: str, titles: tuple[str, ...] = MODEL_TITLES) -> list[psutil.Process]:
+    """This machine's processes of one of our models (replicas, vLLM engine cores and workers),
+    found by the model name every replica's environment carries; never another program's vLLM.
+    Titles are matched on the command line too (the kernel cuts a process name at 15 characters)."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            shown = " ".join(process.info["cmdline"] or []) or process.info["name"] or ""
+            if shown.startswith(titles) and process.environ().get(MODEL_ENV) == model:
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
 def end_orphans() -> list[str]:
     """End :func:`orphans`; returns what was ended, e.g. ``"VLLM::EngineCore (pid 12, model tiny, 1.2 GB)"``."""
     return end_processes(orphans())
@@ -148,15 +168,10 @@ def describe(process: psutil.Process) -> str:
     name, cmdline = process.name(), process.cmdline()
     kind = ray_process_kind(name, cmdline) or name
     details = [f"pid {process.pid}"]
-    if name.startswith("VLLM::"):
-        try:
+    with contextlib.suppress(psutil.Error):
+        if name.startswith("VLLM::"):
             details.append(f"model {process.environ().get(MODEL_ENV, '?')}")
-        except psutil.Error:
-            pass
-    try:
         details.append(f"{process.memory_info().rss / 1e9:.1f} GB")
-    except psutil.Error:
-        pass
     return f"{kind} ({', '.join(details)})"
 
 

@@ -111,7 +111,7 @@ def ensure_auth_token() -> None:
     start without token authentication's token and drivers cannot connect.
     """
     from ray._private.authentication.authentication_token_setup import generate_and_save_token
-    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]  # compiled module, no types
 
     if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
         generate_and_save_token()
@@ -126,10 +126,28 @@ def send_local_token() -> None:
     import os
 
     from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR, _enable_token_auth
-    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]  # compiled module, no types
 
     if AUTH_MODE_ENV_VAR not in os.environ and AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
         _enable_token_auth()
+
+
+def dashboard_url() -> str:
+    """The HTTP address of the dashboard of the cluster this process is connected to, as its GCS
+    publishes it (``ray.dashboard.utils.ray_address_to_api_server_url``)."""
+    import ray
+    from ray.dashboard.utils import ray_address_to_api_server_url
+
+    return ray_address_to_api_server_url(ray.get_runtime_context().gcs_address)
+
+
+def dashboard_auth_headers() -> dict[str, str]:
+    """Headers that authenticate this process to the cluster's dashboard (its Ray token, when token
+    authentication is on), as Ray's own state API sends them
+    (``ray._private.authentication.http_token_authentication.get_auth_headers_if_auth_enabled``)."""
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    return dict(get_auth_headers_if_auth_enabled({}))
 
 
 def session_logs_dir() -> str:

@@ -56,7 +56,8 @@ class ReadinessWatcher:
         if log_lines is not None:
             self._log_detail = logs.loading_stage(log_lines) or self._log_detail
             if logs.engine_failed(log_lines):
-                return Verdict(engine_failure=logs.root_cause(log_lines) or "the vLLM engine failed to start (see its logs)")
+                cause = logs.root_cause(log_lines) or "the vLLM engine failed to start (see its logs)"
+                return Verdict(engine_failure=cause)
         stage = stage_of(status)
         detail = self._log_detail if stage == STARTING else ""
         return Verdict(progress=self._step(stage, detail, now), serve_running=status.status == "RUNNING")

@@ -104,7 +104,8 @@ def put_replica(model_name: str, record: ReplicaRecord) -> None:
 
 def replicas(model_name: str) -> list[ReplicaRecord]:
     """Every replica record of ``model_name``, oldest first."""
-    records = [ReplicaRecord(**json.loads(raw)) for raw in ray_api.kv_items(f"{_REPLICA}{model_name}:", NAMESPACE).values()]
+    stored = ray_api.kv_items(f"{_REPLICA}{model_name}:", NAMESPACE).values()
+    records = [ReplicaRecord(**json.loads(raw)) for raw in stored]
     return sorted(records, key=lambda record: record.started_at)
 
 

@@ -20,6 +20,7 @@ Standard library only, and run with ``python -I``: it starts on every HAProxy re
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -76,7 +77,7 @@ def install(folder: Path, real_binary: str) -> Path:
 def _main(argv: list[str]) -> None:
     """``serve_haproxy.py REAL_BINARY ERROR_DIR HAPROXY_ARGS...``: patch the ``-f`` config, then exec HAProxy."""
     real_binary, error_dir, arguments = argv[1], Path(argv[2]), argv[3:]
-    for flag, value in zip(arguments, arguments[1:], strict=False):
+    for flag, value in itertools.pairwise(arguments):
         if flag == "-f" and os.path.isfile(value):
             config = Path(value)
             config.write_text(patch_config(config.read_text(), error_dir))

@@ -9,6 +9,7 @@ its ``VLLM::EngineCore`` and ``VLLM::Worker`` children and multiprocessing's hel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -237,10 +238,8 @@ def _tree_and_group(pid: int) -> list[psutil.Process]:
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from rayvllm_nb.config import did_you_mean
 from rayvllm_nb.engines.base import Engine
 from rayvllm_nb.engines.serve_llm import ServeLLMEngine
-from rayvllm_nb.config import did_you_mean
 from rayvllm_nb.errors import ConfigError
 
 _ENGINES: dict[str, type[Engine]] = {ServeLLMEngine.name: ServeLLMEngine}

@@ -61,7 +61,7 @@ _ERROR_TYPES = {
 class VllmServer(LLMServer):
     """``LLMServer`` serving vLLM's own OpenAI app as its replica's ingress (see the module docstring)."""
 
-    async def __init__(self, llm_config: LLMConfig, **kwargs: Any) -> None:
+    async def __init__(self, llm_config: LLMConfig, **kwargs: Any) -> None:  # type: ignore[misc]  # Serve awaits it
         self._model_name = os.environ[MODEL_ENV]
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         load_secret_env()
@@ -149,7 +149,7 @@ def _refuse_a_crash_loop(model_name: str) -> None:
     record = registry.model(model_name)
     if record is None:
         return
-    deployment = next(
+    deployment: dict[str, Any] = next(
         (d for app in ((ray_api.serve_details() or {}).get("applications") or {}).values()
          for d in (app.get("deployments") or {}).values() if d.get("name") == record.engine_deployment),
         {},
@@ -210,12 +210,15 @@ def _reported_kv_cache(engine_kwargs: dict[str, Any]) -> tuple[int | None, str]:
 
 async def _validation_error(request: Any, error: RequestValidationError) -> JSONResponse:
     """400 naming the request field (``messages``, not vLLM's ``body.messages``), or saying the JSON is broken."""
-    problem = error.errors()[0] if error.errors() else {"msg": "invalid request", "loc": ()}
+    problem: dict[str, Any] = dict(error.errors()[0]) if error.errors() else {"msg": "invalid request", "loc": ()}
     if problem.get("type") == "json_invalid":
         return error_response(400, f"The request body is not valid JSON: {problem.get('ctx', {}).get('error')}.")
     where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
     message = f"{problem.get('msg', 'invalid request')}" + (f" (at {where})" if where else "")
     return error_response(400, message, where or None)
+
+
+_WRONG_KEY = "Missing or wrong API key: send it as `Authorization: Bearer KEY` (the OpenAI client's api_key)."
 
 
 class ServingGuard:
@@ -236,8 +239,7 @@ class ServingGuard:
             if self._expected is not None:
                 given = dict(scope["headers"]).get(b"authorization", b"")
                 if not hmac.compare_digest(given, self._expected):
-                    message = "Missing or wrong API key: send it as `Authorization: Bearer KEY` (the OpenAI client's api_key)."
-                    await error_response(401, message)(scope, receive, send)
+                    await error_response(401, _WRONG_KEY)(scope, receive, send)
                     return
             if self._engine_dead():
                 message = f"The model's engine stopped; a new replica is starting. Retry in {RETRY_AFTER_S} s."

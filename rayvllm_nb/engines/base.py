@@ -5,8 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from rayvllm_nb.placement import PlacementPlan
 from rayvllm_nb.config import ModelConfig
+from rayvllm_nb.placement import PlacementPlan
 
 if TYPE_CHECKING:
     from ray.serve.deployment import Application

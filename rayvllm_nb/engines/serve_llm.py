@@ -113,9 +113,9 @@ def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> None:
             problems.append(f"{key!r} is set by the config's `model` / `served_model_name` keys")
         elif key not in known:
             problems.append(f"unknown vLLM engine argument {key!r}{did_you_mean(key, known)}")
-        elif known[key] is not None:
+        elif (adapter := known[key]) is not None:
             try:
-                known[key].validate_python(value)
+                adapter.validate_python(value)
             except ValidationError as error:
                 problems.append(f"engine_kwargs.{key}={value!r}: {error.errors()[0]['msg']}")
     if problems:

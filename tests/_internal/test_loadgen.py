@@ -76,7 +76,7 @@ def test_a_wrong_model_name_is_a_404_record_and_fails_the_warm_up(server: VllmAl
     assert record.error is not None and record.error.startswith("HTTP 404: ")
     assert "no-such-model" in record.error and record.output_tokens == 0 and record.ttft_s is None
     assert result.summary()["errors"] == 1
-    with pytest.raises(DeploymentError, match="HTTP 404: .*The model `no-such-model` does not exist"):
+    with pytest.raises(DeploymentError, match=r"HTTP 404: .*The model `no-such-model` does not exist"):
         asyncio.run(warm_up(server.base_url, "no-such-model"))
 
 

@@ -90,7 +90,7 @@ def test_an_engine_core_failure_fails_fast_and_ends_its_children(tmp_path: Path)
         (model / item.name).write_bytes(item.read_bytes() if item.suffix != ".safetensors" else b"\xff" * 64)
     server = tiny_server(tmp_path, model_source=str(model))
     started = time.perf_counter()
-    with pytest.raises(DeploymentError, match="before it was ready: .*SafetensorError") as failure:
+    with pytest.raises(DeploymentError, match=r"before it was ready: .*SafetensorError") as failure:
         server.start(timeout_s=300)
     assert time.perf_counter() - started < 120
     assert "Check the model and engine arguments" in str(failure.value)
