@@ -199,16 +199,33 @@ async def benchmark(
     return report
 
 
-async def _vllm_alone_side(
-    config: ModelConfig, settings: dict[str, Any], round_index: int, seed: int, say: Callable[[str], None]
-) -> SideRun:
-    cores = os.cpu_count() or 1
-    plan = plan_placement(config, {"CPU": float(cores)}, cores)
+def local_resources() -> dict[str, float]:
+    """What vLLM alone can use on this machine: its cores, and the GPUs CUDA sees (none without torch's CUDA)."""
+    resources = {"CPU": float(os.cpu_count() or 1)}
+    try:
+        import torch
+
+        resources["GPU"] = float(torch.cuda.device_count())
+    except ImportError:
+        resources["GPU"] = 0.0
+    return resources
+
+
+def vllm_alone_server(config: ModelConfig, resources: dict[str, float]) -> VllmAloneServer:
+    """vLLM's own server for ``config`` on a machine with ``resources`` (not started): the same engine
+    arguments and device plan as the deployment (GPU: tensor parallelism over local GPUs)."""
+    plan = plan_placement(config, resources, int(resources["CPU"]))
     model_source = str(tiny_model_path()) if config.model == TINY_MODEL_REF else config.model
     env = {**plan.env_vars, **config.env_vars}
     if config.hf_token is not None:
         env["HF_TOKEN"] = config.hf_token.get_secret_value()
-    server = VllmAloneServer(model_source, config.name, get_engine(config.engine).engine_arguments(config), env)
+    return VllmAloneServer(model_source, config.name, get_engine(config.engine).engine_arguments(config), env)
+
+
+async def _vllm_alone_side(
+    config: ModelConfig, settings: dict[str, Any], round_index: int, seed: int, say: Callable[[str], None]
+) -> SideRun:
+    server = vllm_alone_server(config, local_resources())
     say(f"round {round_index + 1}: vLLM alone starting on {server.base_url}")
     with server:
         await asyncio.to_thread(server.start)

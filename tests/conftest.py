@@ -132,6 +132,6 @@ def leftovers(app_name: str) -> dict[str, list[str]]:
     ]
     groups = [
         pg.name for pg in list_placement_groups(limit=1000, detail=True)
-        if pg.state != "REMOVED" and f"{app_name}#" in (pg.name or "")
+        if pg.state != "REMOVED" and (pg.name or "").startswith(f"SERVE_REPLICA::{app_name}#")
     ]
     return {"replica_actors": actors, "placement_groups": groups}

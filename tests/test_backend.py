@@ -153,7 +153,7 @@ def test_logs_hold_vllm_loading_lines_and_our_access_line(shared_tiny: ModelStat
     deadline = time.monotonic() + 20
     while True:
         lines = rayvllm_nb.logs(NAME, tail=2000)
-        access = [line for line in lines if f"{request_id} -- POST /v1/chat/completions 200" in line]
+        access = [line for line in lines if f"{request_id} -- POST /shared/v1/chat/completions 200" in line]
         if access or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -164,10 +164,17 @@ def test_logs_hold_vllm_loading_lines_and_our_access_line(shared_tiny: ModelStat
 
 
 def test_cli_logs_prints_the_newest_lines_last(shared_tiny: ModelStatus) -> None:
+    request_id = f"cli-logs-{uuid.uuid4().hex}"
+    httpx.post(
+        f"{shared_tiny.base_url}/chat/completions", json={"model": NAME, "messages": CHAT, "max_tokens": 8},
+        headers={"x-request-id": request_id}, timeout=30,
+    ).raise_for_status()
+    time.sleep(2)  # Serve writes the access line after the response
     result = run_cli("logs", NAME, "-n", "30")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 30 and any("-- POST /v1/chat/completions 200" in line for line in lines)
+    newest = [line for line in lines[-5:] if f"{request_id} -- POST /shared/v1/chat/completions 200" in line]
+    assert len(lines) == 30 and newest, lines[-5:]
 
 
 def test_disconnected_clients_free_their_requests(shared_tiny: ModelStatus) -> None:

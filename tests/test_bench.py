@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from rayvllm_nb.bench import RAYVLLM, VLLM_ALONE
+from rayvllm_nb.errors import ConfigError
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_bench_measures_both_sides_and_saves_the_ratios(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     result = run_cli(
@@ -44,3 +44,16 @@ def test_bench_measures_both_sides_and_saves_the_ratios(tmp_path: Path) -> None:
 
     assert "-- concurrency 2" in result.stdout and "output_tok_per_s" in result.stdout
     assert f"saved {output}" in result.stdout
+
+
+def test_vllm_alone_on_a_gpu_config_plans_its_gpus_planned_not_run() -> None:
+    """No GPU here: the plan the vLLM-alone side would start with on a machine with 2 GPUs."""
+    from rayvllm_nb.bench import vllm_alone_server
+    from rayvllm_nb.config import load_config
+
+    server = vllm_alone_server(load_config("llama2-7b-tp2-gpu"), {"CPU": 16.0, "GPU": 2.0})
+    assert server.engine_args["tensor_parallel_size"] == 2 and server.engine_args["dtype"] == "float16"
+    assert server.model_source == "meta-llama/Llama-2-7b-chat-hf"
+    assert not any(key.startswith(("VLLM_CPU", "RAYVLLM")) for key in server.env), server.env
+    with pytest.raises(ConfigError, match="needs 2 GPUs but the cluster has 1"):
+        vllm_alone_server(load_config("llama2-7b-tp2-gpu"), {"CPU": 16.0, "GPU": 1.0})

@@ -103,7 +103,7 @@ def _ride_out_the_restart(status: ModelStatus, restarts: int) -> list[str]:
     while time.monotonic() < deadline:
         for method, path, body in (("POST", "/v1/chat/completions", CHAT), ("GET", "/health", None)):
             sent = time.monotonic()
-            response = httpx.request(method, _root(status) + path, json=body, timeout=30)
+            response = _request_as_openai_clients_do(method, _root(status) + path, body)
             took = time.monotonic() - sent
             if response.status_code == 200:
                 continue
@@ -121,6 +121,17 @@ def _ride_out_the_restart(status: ModelStatus, restarts: int) -> list[str]:
             return seen
         time.sleep(0.3)
     raise AssertionError(f"the model did not serve again in 5 minutes (statuses seen: {seen[-10:]})")
+
+
+def _request_as_openai_clients_do(method: str, url: str, body: dict | None) -> httpx.Response:
+    """One request, sent again at once if its new connection was closed before any answer: HAProxy
+    reloads its config when a replica goes or comes, and a connection it accepted just then can be
+    closed unread (about 1 in 200 here); the OpenAI client retries exactly that. A second such
+    close fails the test."""
+    try:
+        return httpx.request(method, url, json=body, timeout=30)
+    except httpx.RemoteProtocolError:
+        return httpx.request(method, url, json=body, timeout=30)
 
 
 def test_replace_lets_a_running_request_finish_first(faulty: ModelStatus) -> None:

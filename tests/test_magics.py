@@ -105,13 +105,13 @@ def test_start_chat_logs_stop(ip: InteractiveShell, cluster: ClusterInfo) -> Non
     assert "loading nb-tiny: starting the engine" in captured.stderr
     try:
         with capture_output() as chat:
-            ip.run_cell_magic("chat", "--max-tokens 64 --system 'Be brief.'", "Say hello.")
+            ip.run_cell_magic("chat", "--model nb-tiny --max-tokens 64 --system 'Be brief.'", "Say hello.")
         markdown = [o.data.get("text/markdown", "") for o in chat.outputs]
         assert TINY_MODEL_REPLY in markdown
         assert any("TTFT" in text and "tok/s" in text for text in markdown)
 
         with capture_output() as logs:
-            ip.run_line_magic("rayvllm", "logs -n 7")
+            ip.run_line_magic("rayvllm", "logs nb-tiny -n 7")
         assert len(logs.stdout.strip().splitlines()) == 7
 
         html = ip.run_line_magic("rayvllm", "status")._repr_html_()

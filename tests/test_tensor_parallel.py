@@ -31,7 +31,7 @@ def test_seed_dict_with_tp2_answers_the_known_sentence_and_stops_clean(cluster: 
         from ray.util.state import list_placement_groups
 
         bundles = [pg.bundles for pg in list_placement_groups(detail=True)
-                   if pg.state == "CREATED" and f"{status.app_name}#" in (pg.name or "")]
+                   if pg.state == "CREATED" and (pg.name or "").startswith(f"SERVE_REPLICA::{status.app_name}#")]
         assert [[b["unit_resources"] for b in group] for group in bundles] == [[{"CPU": 1.0}, {"CPU": 1.0}]]
     finally:
         rayvllm_nb.stop("tiny-tp2")

@@ -8,6 +8,7 @@ the benchmark's own generator (one httpx client, ``ignore_eos`` completions of a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import time
@@ -100,9 +101,10 @@ async def soak(
         deadline = started + duration_s
 
         async def worker(index: int) -> None:
-            for prompt in make_prompts(10**6, 24, seed=index):
+            for number in itertools.count():
                 if time.perf_counter() >= deadline:
                     return
+                [prompt] = make_prompts(1, 24, seed=index * 1_000_000 + number)
                 body = {
                     "model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True,
                     "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
