@@ -57,8 +57,9 @@ def bench(
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     **settings: Any,
 ) -> BenchReport:
-    """vLLM alone, then the same model through rayvllm_nb, side by side; see :func:`rayvllm_nb.bench.benchmark`
-    for ``settings`` (concurrency, requests, input_len, output_len, rounds, relaunch, output, on_event)."""
+    """vLLM alone and the same model through rayvllm_nb, side by side over several server starts; see
+    :func:`rayvllm_nb.bench.benchmark` for ``settings`` (starts, rounds, concurrency, requests_per_stream,
+    input_len, output_len, pinned_baseline, output, on_event)."""
     from rayvllm_nb.bench import benchmark
 
     return BRIDGE.run(benchmark(ray_backend, config, overrides, **settings))

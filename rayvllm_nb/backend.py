@@ -462,7 +462,7 @@ def _status_of(record: registry.DeploymentRecord, details: dict[str, Any] | None
             ReplicaInfo(
                 replica_id=r.replica_id, state=replica_state_by_id[r.replica_id], node_ip=r.node_ip,
                 kv_cache_gib=None if r.kv_cache_bytes is None else r.kv_cache_bytes / 2**30,
-                kv_cache_choice=r.kv_cache_choice,
+                kv_cache_choice=r.kv_cache_choice, cpu_placement=r.cpu_placement,
             )
             for r in live
         ),

@@ -1,12 +1,21 @@
 """Side-by-side benchmark: the same model and engine arguments served by vLLM's own OpenAI
-server alone, then through rayvllm_nb on Ray Serve, with the ratio of ours to vLLM alone.
+server alone and through rayvllm_nb on Ray Serve, robust to the stall these machines fall into.
 
-Each round starts vLLM alone (time to ready), warms it up, runs the load at every concurrency,
-stops it (and, with ``relaunch``, starts it once more for a second time to ready); then the same
-through rayvllm_nb: deploy (cold when the benchmark starts the Ray cluster itself), warm up, load,
-stop (and relaunch on the running cluster). Several rounds alternate A B A B, since these
-machines drift. Streaming completions with ``ignore_eos`` give every request the same number of
-tokens; each round uses new prompts so prefix caching cannot help a later side.
+On a few cores a server can fall into a mode where tokens reach clients only when a request
+ends (docs/performance.md: the "stall"); which server falls into it varies with each server
+start. So the benchmark makes several *starts*: each start launches every side afresh (vLLM
+alone as a user starts it by hand, vLLM alone with our CPU placement, and our deployment on the
+running cluster), warms them all, then loads them in turn, one concurrency after another,
+``rounds`` times with the order rotating, while the others idle. A side *stalls* in a start when
+its median TTFT p50 at concurrency 1 is above 50 ms.
+
+The load generator runs in a process of its own; its CPU time is reported. Beside tokens/s and
+TTFT, each load measures CPU-seconds: the engine's (vLLM's engine core and workers) and the
+serving layer's (everything else the side runs: vLLM's API server; or the Serve replica,
+HAProxy, Serve's controller and proxy, Ray's daemons). Each start's figures are the medians of
+its rounds; the report gives every start and, per side, the median with min-max over starts.
+Streaming completions with ``ignore_eos`` give every request the same number of tokens; every
+load uses new prompts, so prefix caching cannot help.
 """
 
 from __future__ import annotations
@@ -21,9 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from rayvllm_nb._internal import cluster as _cluster
 from rayvllm_nb._internal import processes
-from rayvllm_nb._internal.loadgen import make_prompts, run_load, warm_up
+from rayvllm_nb._internal.cpu_meter import CpuMeter
+from rayvllm_nb._internal.loadgen import run_load_in_subprocess, warm_up
 from rayvllm_nb._internal.soak import SoakReport, soak
 from rayvllm_nb._internal.vllm_alone import VllmAloneServer
 from rayvllm_nb.config import ModelConfig, load_config
@@ -38,98 +50,186 @@ if TYPE_CHECKING:
     from rayvllm_nb.backend import RayBackend
 
 VLLM_ALONE = "vllm-alone"
+"""vLLM's server started as by hand: the baseline."""
+VLLM_ALONE_PINNED = "vllm-alone-pinned"
+"""vLLM's server with our CPU placement (``cpu_placement``), to tell the placement's effect from ours."""
 RAYVLLM = "rayvllm_nb"
-METRICS = ("output_tok_per_s", "req_per_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "e2e_p50_ms", "errors")
-"""Per concurrency, in the table's order."""
+STALL_TTFT_MS = 50.0
+"""A side stalls in a start when its median TTFT p50 at concurrency 1 is above this."""
 
 
 @dataclass
-class SideRun:
-    """One side of one round: times to ready and a load summary per concurrency."""
+class Load:
+    """One load run: one side, one concurrency, one round of one start."""
+
+    round: int
+    concurrency: int
+    summary: dict[str, float | int | None]
+    serving_cpu_s: float | None
+    """CPU-seconds of the side's serving processes during the load (None when they are not known)."""
+    engine_cpu_s: float
+    loadgen_cpu_s: float
+
+
+@dataclass
+class SideStart:
+    """One side in one start: its time to ready, its CPU placement and its loads."""
 
     side: str
-    round: int
+    start: int
     ready_s: float
     ready_kind: str
-    """'cold' (the Ray cluster was started for it), 'warm-cluster', or 'process' (vLLM alone)."""
-    relaunch_ready_s: float | None
-    loads: dict[int, dict[str, float | int | None]] = field(default_factory=dict)
+    """'process' (vLLM alone), 'cold' (our deployment on a Ray cluster started for it), 'relaunch'
+    (our deployment on the running cluster)."""
+    cpu_placement: str
+    loads: list[Load] = field(default_factory=list)
+
+    def median(self, concurrency: int, metric: str) -> float | None:
+        """The median over rounds of a load summary's ``metric`` at ``concurrency``."""
+        values = [load.summary[metric] for load in self.loads if load.concurrency == concurrency]
+        present = [float(value) for value in values if value is not None]
+        return statistics.median(present) if present else None
+
+    def per_1k_tokens(self, attribute: str) -> float | None:
+        """CPU-seconds (``serving_cpu_s``, ``engine_cpu_s`` or ``loadgen_cpu_s``) per 1,000 output tokens, all loads."""
+        seconds = [getattr(load, attribute) for load in self.loads]
+        tokens = sum(int(load.summary["output_tokens"] or 0) for load in self.loads)
+        if any(value is None for value in seconds) or not tokens:
+            return None
+        return 1000 * sum(seconds) / tokens
+
+    def stalled(self) -> bool | None:
+        """TTFT p50 at concurrency 1 above :data:`STALL_TTFT_MS` (None without a concurrency-1 load)."""
+        ttft = self.median(1, "ttft_p50_ms")
+        return None if ttft is None else ttft > STALL_TTFT_MS
+
+    def figures(self, top: int) -> dict[str, Any]:
+        """This start's figures, as the report's per-start table shows them (``top``: the highest concurrency)."""
+        engine = self.per_1k_tokens("engine_cpu_s")
+        return {
+            "ready_s": self.ready_s,
+            f"c{top}_tok_per_s": self.median(top, "output_tok_per_s"),
+            "c1_ttft_p50_ms": self.median(1, "ttft_p50_ms"),
+            f"c{top}_ttft_p50_ms": self.median(top, "ttft_p50_ms"),
+            "serving_cpu_s_per_1k_tok": self.per_1k_tokens("serving_cpu_s"),
+            "tok_per_engine_cpu_s": 1000 / engine if engine else None,
+            "loadgen_cpu_s_per_1k_tok": self.per_1k_tokens("loadgen_cpu_s"),
+            "errors": sum(int(load.summary["errors"] or 0) for load in self.loads),
+            "stalled": self.stalled(),
+        }
 
 
 @dataclass
 class BenchReport:
-    """Everything one benchmark run measured, and the ratios of rayvllm_nb to vLLM alone."""
+    """Everything one benchmark run measured: every side of every start, and summaries over starts."""
 
     config: dict[str, Any]
     settings: dict[str, Any]
-    runs: list[SideRun]
+    starts: list[SideStart]
     started_at: str
 
-    def mean(self, side: str, concurrency: int, metric: str) -> float | None:
-        """``metric`` at ``concurrency`` for ``side``, averaged over rounds."""
-        values = [run.loads[concurrency][metric] for run in self.runs if run.side == side]
-        present = [float(v) for v in values if v is not None]
-        return statistics.fmean(present) if present else None
+    @property
+    def sides(self) -> list[str]:
+        return list(dict.fromkeys(run.side for run in self.starts))
 
-    def ratios(self) -> dict[int, dict[str, float | None]]:
-        """Ours / vLLM alone per concurrency and metric (above 1 is better for rates, worse for times)."""
-        table: dict[int, dict[str, float | None]] = {}
-        for concurrency in self.settings["concurrency"]:
-            row: dict[str, float | None] = {}
-            for metric in METRICS:
-                ours, alone = self.mean(RAYVLLM, concurrency, metric), self.mean(VLLM_ALONE, concurrency, metric)
-                row[metric] = ours / alone if ours is not None and alone else None
-            table[concurrency] = row
-        return table
+    @property
+    def top(self) -> int:
+        return max(self.settings["concurrency"])
 
-    def ready_times(self) -> dict[str, dict[str, float | None]]:
-        """Mean time to ready per side: first start (cold or not) and relaunch."""
-        times: dict[str, dict[str, float | None]] = {}
-        for side in (VLLM_ALONE, RAYVLLM):
-            runs = [run for run in self.runs if run.side == side]
-            cold = [run.ready_s for run in runs if run.ready_kind in ("cold", "process")]
-            relaunch = [run.relaunch_ready_s for run in runs if run.relaunch_ready_s is not None]
-            times[side] = {
-                "first_start_s": statistics.fmean(cold) if cold else None,
-                "relaunch_s": statistics.fmean(relaunch) if relaunch else None,
-            }
-        return times
+    def per_start(self, side: str) -> list[dict[str, Any]]:
+        """Each start's figures for ``side``, in start order."""
+        return [run.figures(self.top) for run in self.starts if run.side == side]
+
+    def spread(self, side: str, metric: str, *, stall_free: bool = False) -> tuple[float, float, float] | None:
+        """Median, min and max over starts of ``metric`` for ``side`` (with ``stall_free``: its stall-free starts)."""
+        values = [
+            float(row[metric]) for row in self.per_start(side)
+            if row[metric] is not None and not (stall_free and row["stalled"])
+        ]
+        return (statistics.median(values), min(values), max(values)) if values else None
+
+    def comparison(self, side: str = RAYVLLM, baseline: str = VLLM_ALONE) -> dict[str, Any]:
+        """``side`` against ``baseline``: stalled starts of each; per-start ratios (median, min, max) of
+        top-concurrency tok/s and serving CPU per 1k tokens; among stall-free starts, the ratio of the
+        median tok/s and the difference of the median c=1 TTFT; relaunch time to ready minus the baseline's."""
+        ours, theirs = self.per_start(side), self.per_start(baseline)
+        throughput, serving = f"c{self.top}_tok_per_s", "serving_cpu_s_per_1k_tok"
+
+        def ratios(metric: str) -> tuple[float, float, float] | None:
+            values = [
+                float(a[metric]) / float(b[metric]) for a, b in zip(ours, theirs, strict=False)
+                if a[metric] is not None and b[metric]
+            ]
+            return (statistics.median(values), min(values), max(values)) if values else None
+
+        clean_ours, clean_theirs = (self.spread(side, throughput, stall_free=True),
+                                    self.spread(baseline, throughput, stall_free=True))
+        ttft_ours, ttft_theirs = (self.spread(side, "c1_ttft_p50_ms", stall_free=True),
+                                  self.spread(baseline, "c1_ttft_p50_ms", stall_free=True))
+        relaunch = [run.ready_s for run in self.starts if run.side == side and run.ready_kind == "relaunch"]
+        alone_ready = [run.ready_s for run in self.starts if run.side == baseline]
+        return {
+            "side": side,
+            "baseline": baseline,
+            "stalled_starts": {name: sum(bool(row["stalled"]) for row in rows)
+                               for name, rows in ((side, ours), (baseline, theirs))},
+            "starts": {side: len(ours), baseline: len(theirs)},
+            f"{throughput}_ratio": ratios(throughput),
+            f"{serving}_ratio": ratios(serving),
+            f"stall_free_{throughput}_ratio": (
+                clean_ours[0] / clean_theirs[0] if clean_ours and clean_theirs else None
+            ),
+            "stall_free_c1_ttft_p50_delta_ms": ttft_ours[0] - ttft_theirs[0] if ttft_ours and ttft_theirs else None,
+            "relaunch_minus_baseline_ready_s": (
+                statistics.median(relaunch) - statistics.median(alone_ready) if relaunch and alone_ready else None
+            ),
+        }
 
     def table(self) -> str:
-        """The report as text: one block per concurrency, then times to ready."""
+        """The report as text: every start of every side, then medians (min-max) and the comparisons."""
+        metrics = list(self.per_start(self.sides[0])[0]) if self.starts else []
         lines = [
             (
-                f"{self.config['served_model_name']}: {self.settings['requests']} requests per concurrency, "
-                f"{self.settings['input_len']} prompt words, {self.settings['output_len']} output tokens, "
-                f"{self.settings['rounds']} round(s) A B"
+                f"{self.config['served_model_name']}: {self.settings['starts']} start(s) x {self.settings['rounds']} "
+                f"round(s); {self.settings['requests_per_stream']} requests per stream at concurrency "
+                f"{','.join(map(str, self.settings['concurrency']))}; {self.settings['input_len']} prompt words, "
+                f"{self.settings['output_len']} output tokens; stall = c=1 TTFT p50 > {STALL_TTFT_MS:.0f} ms"
             ),
-            f"{'metric':<18}{'vLLM alone':>14}{'rayvllm_nb':>14}{'ratio':>9}",
+            "-- every start (medians of its rounds)",
+            f"{'side':<19}{'start':>6}" + "".join(f"{_short(m):>13}" for m in metrics),
         ]
-        ratios = self.ratios()
-        for concurrency in self.settings["concurrency"]:
-            lines.append(f"-- concurrency {concurrency}")
-            for metric in METRICS:
-                alone, ours = self.mean(VLLM_ALONE, concurrency, metric), self.mean(RAYVLLM, concurrency, metric)
-                ratio = ratios[concurrency][metric]
-                lines.append(f"{metric:<18}{_num(alone):>14}{_num(ours):>14}{_ratio(ratio):>9}")
-        ready = self.ready_times()
-        lines.append("-- time to ready (s)")
-        kinds = sorted({run.ready_kind for run in self.runs if run.side == RAYVLLM})
-        for key, label in (("first_start_s", f"first start ({'/'.join(kinds)})"), ("relaunch_s", "relaunch")):
-            alone, ours = ready[VLLM_ALONE][key], ready[RAYVLLM][key]
-            delta = f"{ours - alone:+.1f} s" if ours is not None and alone is not None else "-"
-            lines.append(f"{label:<30}{_num(alone):>10}{_num(ours):>12}{delta:>10}")
+        for run in self.starts:
+            row = run.figures(self.top)
+            lines.append(f"{run.side:<19}{run.start + 1:>6}" + "".join(f"{_cell(row[m]):>13}" for m in metrics))
+        lines.append("-- over starts: median (min-max)")
+        for side in self.sides:
+            placements = sorted({run.cpu_placement for run in self.starts if run.side == side and run.cpu_placement})
+            lines.append(f"{side}" + (f" [{'; '.join(placements)}]" if placements else ""))
+            for metric in metrics:
+                if metric in ("stalled", "errors"):
+                    continue
+                spread = self.spread(side, metric)
+                lines.append(f"  {metric:<28}{_spread(spread)}")
+            stalled = sum(bool(row["stalled"]) for row in self.per_start(side))
+            lines.append(f"  {'stalled starts':<28}{stalled} of {len(self.per_start(side))}")
+        for side in (RAYVLLM, VLLM_ALONE_PINNED):
+            if side in self.sides and VLLM_ALONE in self.sides:
+                lines.append(f"-- {side} / {VLLM_ALONE}")
+                for key, value in self.comparison(side).items():
+                    if key not in ("side", "baseline"):
+                        lines.append(f"  {key:<44}{_value(value)}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        """Plain data: settings, config, every run, the means' ratios and the times to ready."""
+        """Plain data: settings, config, every load of every start, per-start figures and comparisons."""
         return {
             "started_at": self.started_at,
             "config": self.config,
             "settings": self.settings,
-            "runs": [asdict(run) for run in self.runs],
-            "ratios": {str(c): row for c, row in self.ratios().items()},
-            "ready_times": self.ready_times(),
+            "starts": [asdict(run) for run in self.starts],
+            "per_start": {side: self.per_start(side) for side in self.sides},
+            "comparisons": [self.comparison(side) for side in (RAYVLLM, VLLM_ALONE_PINNED)
+                            if side in self.sides and VLLM_ALONE in self.sides],
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -140,22 +240,26 @@ class BenchReport:
         return target
 
     def plot(self) -> Figure:
-        """Output tok/s and TTFT p50 per concurrency, both sides side by side."""
+        """One point per start and side (stalled starts hollow) for top-concurrency tok/s, c=1 TTFT p50
+        and serving CPU per 1k tokens; a bar marks each side's median."""
         from matplotlib.figure import Figure
 
-        figure = Figure(figsize=(10, 3.8))
-        throughput, ttft = figure.subplots(1, 2)
-        concurrencies = list(self.settings["concurrency"])
-        positions = range(len(concurrencies))
-        for offset, side in ((-0.2, VLLM_ALONE), (0.2, RAYVLLM)):
-            xs = [p + offset for p in positions]
-            throughput.bar(xs, [self.mean(side, c, "output_tok_per_s") or 0 for c in concurrencies], 0.4, label=side)
-            ttft.bar(xs, [self.mean(side, c, "ttft_p50_ms") or 0 for c in concurrencies], 0.4, label=side)
-        for axes, title in ((throughput, "output tokens/s"), (ttft, "TTFT p50 (ms)")):
-            axes.set_xticks(list(positions), [f"c={c}" for c in concurrencies])
+        metrics = (f"c{self.top}_tok_per_s", "c1_ttft_p50_ms", "serving_cpu_s_per_1k_tok")
+        titles = (f"output tok/s at c={self.top}", "TTFT p50 at c=1 (ms)", "serving CPU-s per 1k tokens")
+        figure = Figure(figsize=(12, 3.8))
+        for axes, metric, title in zip(figure.subplots(1, len(metrics)), metrics, titles, strict=True):
+            for position, side in enumerate(self.sides):
+                rows = [row for row in self.per_start(side) if row[metric] is not None]
+                for index, row in enumerate(rows):
+                    x = position + (index - (len(rows) - 1) / 2) * 0.06
+                    axes.scatter([x], [row[metric]], color=f"C{position}",
+                                 facecolors="none" if row["stalled"] else f"C{position}")
+                spread = self.spread(side, metric)
+                if spread:
+                    axes.hlines(spread[0], position - 0.3, position + 0.3, color=f"C{position}")
+            axes.set_xticks(range(len(self.sides)), self.sides, fontsize=8)
             axes.set_title(title)
-            axes.legend()
-        figure.suptitle(f"{self.config['served_model_name']}: vLLM alone vs rayvllm_nb")
+        figure.suptitle(f"{self.config['served_model_name']}: one point per server start (hollow: stalled)")
         figure.tight_layout()
         return figure
 
@@ -168,36 +272,120 @@ async def benchmark(
     config: ModelConfig | Mapping[str, Any] | str | os.PathLike[str] = "tiny-cpu",
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     *,
-    concurrency: Sequence[int] = (1, 8, 32),
-    requests: int = 256,
+    starts: int = 5,
+    rounds: int = 3,
+    concurrency: Sequence[int] = (1, 8),
+    requests_per_stream: int = 16,
     input_len: int = 32,
     output_len: int = 64,
-    rounds: int = 1,
-    relaunch: bool = True,
+    pinned_baseline: bool = True,
     output: str | os.PathLike[str] | None = None,
     on_event: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Measure vLLM alone and rayvllm_nb side by side on ``config``; see the module docstring.
 
-    ``requests`` run at each concurrency; ``input_len`` is the prompt length in words (the JSON
-    records the tokens the server counted); ``output`` saves the report as JSON.
+    Each load sends ``requests_per_stream`` x concurrency requests; ``input_len`` is the prompt
+    length in words; ``pinned_baseline`` adds vLLM alone with our CPU placement as a third side
+    (CPU configs); ``output`` saves the report as JSON. Use ``starts=1`` or 2 to screen variants;
+    report figures from 5 or more.
     """
     model_config = load_config(config, overrides)
-    _check_settings(concurrency, requests, input_len, output_len, rounds)
+    _check_settings(starts, rounds, concurrency, requests_per_stream, input_len, output_len)
     say = on_event or (lambda message: None)
+    resources = local_resources()
+    pinned = pinned_baseline and plan_placement(model_config, resources, int(resources["CPU"])).device == "cpu"
     settings = {
-        "concurrency": list(concurrency), "requests": requests, "input_len": input_len,
-        "output_len": output_len, "rounds": rounds, "relaunch": relaunch, "cpu_count": os.cpu_count(),
+        "vllm_alone_by_hand": vllm_alone_server(model_config, resources).by_hand(),
+        "starts": starts, "rounds": rounds, "concurrency": sorted(set(concurrency)),
+        "requests_per_stream": requests_per_stream, "input_len": input_len, "output_len": output_len,
+        "cpu_count": os.cpu_count(), "pinned_baseline": pinned,
     }
     report = BenchReport(model_config.public_dict(), settings, [], time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    for round_index in range(rounds):
-        seed = 1000 * (round_index + 1)
-        report.runs.append(await _vllm_alone_side(model_config, settings, round_index, seed, say))
-        report.runs.append(await _rayvllm_side(backend, model_config, settings, round_index, seed + 500, say))
+    cold = backend.cluster is None and _cluster.local_head_address() is None
+    try:
+        for start in range(starts):
+            report.starts += await _one_start(backend, model_config, settings, start, cold and start == 0, pinned, say)
+    finally:
+        if cold:
+            await backend.shutdown()
     if output is not None:
         say(f"saved {report.save(output)}")
     return report
 
+
+async def _one_start(
+    backend: RayBackend, config: ModelConfig, settings: dict[str, Any], start: int, cold: bool, pinned: bool,
+    say: Callable[[str], None],
+) -> list[SideStart]:
+    """Start every side, warm them, load them in turn for every round, stop them."""
+    label = f"start {start + 1}/{settings['starts']}"
+    servers = {VLLM_ALONE: vllm_alone_server(config, local_resources())}
+    if pinned:
+        servers[VLLM_ALONE_PINNED] = vllm_alone_server(config, local_resources(), pin_cpu=True)
+    runs: dict[str, SideStart] = {}
+    targets: dict[str, tuple[str, str, CpuMeter]] = {}
+    try:
+        for side, server in servers.items():
+            await asyncio.to_thread(server.start)
+            assert server.time_to_ready_s is not None
+            runs[side] = SideStart(side, start, server.time_to_ready_s, "process", server.cpu_placement)
+            targets[side] = (server.base_url, config.name, CpuMeter(server.processes))
+            say(f"{label}: {side} ready in {server.time_to_ready_s:.1f} s {server.cpu_placement}".rstrip())
+        started = time.perf_counter()
+        await backend.initialize_ray()
+        status = await backend.start_model(config, wait_ready=True)
+        placement = "; ".join(sorted({r.cpu_placement for r in status.replicas if r.cpu_placement}))
+        runs[RAYVLLM] = SideStart(RAYVLLM, start, time.perf_counter() - started, "cold" if cold else "relaunch",
+                                  placement)
+        targets[RAYVLLM] = (status.base_url.removesuffix("/v1"), status.name, CpuMeter(_cluster_processes(backend)))
+        say(f"{label}: {RAYVLLM} ready in {runs[RAYVLLM].ready_s:.1f} s ({runs[RAYVLLM].ready_kind}) {placement}")
+        for base_url, model, _ in targets.values():
+            await warm_up(base_url, model)
+        sides = list(runs)
+        for round_index in range(settings["rounds"]):
+            shift = (start + round_index) % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                base_url, model, meter = targets[side]
+                for concurrency in settings["concurrency"]:
+                    load = await _load(base_url, model, meter, settings, start, round_index, concurrency)
+                    runs[side].loads.append(load)
+                    say(
+                        f"{label} round {round_index + 1} {side} c={concurrency}: "
+                        f"{load.summary['output_tok_per_s']:.0f} tok/s, TTFT p50 {_cell(load.summary['ttft_p50_ms'])} "
+                        f"ms, errors {load.summary['errors']}"
+                    )
+    finally:
+        if RAYVLLM in runs:
+            await backend.stop_model(config.name)
+        for server in servers.values():
+            await asyncio.to_thread(server.stop)
+    return list(runs.values())
+
+
+async def _load(
+    base_url: str, model: str, meter: CpuMeter, settings: dict[str, Any], start: int, round_index: int,
+    concurrency: int,
+) -> Load:
+    # A new seed per load: no prompt is ever sent twice, so prefix caching helps no side.
+    seed = 1_000_000 * (start + 1) + 1000 * (round_index + 1) + concurrency
+    meter.start()
+    summary, loadgen_cpu_s = await asyncio.to_thread(
+        run_load_in_subprocess, base_url, model, count=settings["requests_per_stream"] * concurrency,
+        input_words=settings["input_len"], seed=seed, concurrency=concurrency, output_len=settings["output_len"],
+    )
+    cpu = meter.stop()
+    return Load(round_index, concurrency, summary, cpu.serving_s if cpu.serving_s >= 0 else None, cpu.engine_s,
+                loadgen_cpu_s)
+
+
+def _cluster_processes(backend: RayBackend) -> Callable[[], list[psutil.Process]]:
+    """The processes of the cluster ``backend`` is connected to, when rayvllm_nb started its head on this
+    machine (its session); otherwise the Ray and vLLM processes of this machine's raylet."""
+    address = backend.cluster.address if backend.cluster else ""
+    head = next((record for record in processes.recorded_heads() if record.address == address), None)
+    if head is not None:
+        return lambda: processes.session_processes(head.session_id)
+    return processes.local_cluster_processes
 
 def local_resources() -> dict[str, float]:
     """What vLLM alone can use on this machine: its cores, and the GPUs CUDA sees (none without torch's CUDA)."""
@@ -211,98 +399,67 @@ def local_resources() -> dict[str, float]:
     return resources
 
 
-def vllm_alone_server(config: ModelConfig, resources: dict[str, float]) -> VllmAloneServer:
+def vllm_alone_server(config: ModelConfig, resources: dict[str, float], *, pin_cpu: bool = False) -> VllmAloneServer:
     """vLLM's own server for ``config`` on a machine with ``resources`` (not started): the same engine
-    arguments and device plan as the deployment (GPU: tensor parallelism over local GPUs)."""
+    arguments, vLLM environment variables and device plan as the deployment (GPU: tensor parallelism
+    over local GPUs), and our CPU placement only with ``pin_cpu``."""
     plan = plan_placement(config, resources, int(resources["CPU"]))
     model_source = str(tiny_model_path()) if config.model == TINY_MODEL_REF else config.model
-    env = {**plan.env_vars, **config.env_vars}
+    env = {name: value for name, value in {**plan.env_vars, **config.env_vars}.items()
+           if not name.startswith("RAYVLLM_NB_")}
     if config.hf_token is not None:
         env["HF_TOKEN"] = config.hf_token.get_secret_value()
-    return VllmAloneServer(model_source, config.name, get_engine(config.engine).engine_arguments(config), env)
+    engine_args = get_engine(config.engine).engine_arguments(config)
+    return VllmAloneServer(model_source, config.name, engine_args, env, pin_cpu=pin_cpu)
 
 
-async def _vllm_alone_side(
-    config: ModelConfig, settings: dict[str, Any], round_index: int, seed: int, say: Callable[[str], None]
-) -> SideRun:
-    server = vllm_alone_server(config, local_resources())
-    say(f"round {round_index + 1}: vLLM alone starting on {server.base_url}")
-    with server:
-        await asyncio.to_thread(server.start)
-        assert server.time_to_ready_s is not None
-        run = SideRun(VLLM_ALONE, round_index, server.time_to_ready_s, "process", None)
-        say(f"round {round_index + 1}: vLLM alone ready in {run.ready_s:.1f} s")
-        await _measure(run, server.base_url, config.name, settings, seed, say)
-    if settings["relaunch"]:
-        with server:
-            await asyncio.to_thread(server.start)
-            run.relaunch_ready_s = server.time_to_ready_s
-        say(f"round {round_index + 1}: vLLM alone relaunched in {run.relaunch_ready_s:.1f} s")
-    return run
-
-
-async def _rayvllm_side(
-    backend: RayBackend, config: ModelConfig, settings: dict[str, Any], round_index: int, seed: int,
-    say: Callable[[str], None],
-) -> SideRun:
-    cold = backend.cluster is None and _cluster.local_head_address() is None
-    where = "cold: no Ray running" if cold else "on the running cluster"
-    say(f"round {round_index + 1}: rayvllm_nb deploying ({where})")
-    started = time.perf_counter()
-    await backend.initialize_ray()
-    status = await backend.start_model(config, wait_ready=True)
-    run = SideRun(RAYVLLM, round_index, time.perf_counter() - started, "cold" if cold else "warm-cluster", None)
-    say(f"round {round_index + 1}: rayvllm_nb ready in {run.ready_s:.1f} s")
-    try:
-        await _measure(run, status.base_url.removesuffix("/v1"), status.name, settings, seed, say)
-    finally:
-        await backend.stop_model(status.name)
-    if settings["relaunch"]:
-        started = time.perf_counter()
-        status = await backend.start_model(config, wait_ready=True)
-        run.relaunch_ready_s = time.perf_counter() - started
-        await backend.stop_model(status.name)
-        say(f"round {round_index + 1}: rayvllm_nb relaunched in {run.relaunch_ready_s:.1f} s")
-    if cold:
-        await backend.shutdown()
-    return run
-
-
-async def _measure(
-    run: SideRun, base_url: str, model: str, settings: dict[str, Any], seed: int, say: Callable[[str], None]
-) -> None:
-    await warm_up(base_url, model)
-    for index, concurrency in enumerate(settings["concurrency"]):
-        prompts = make_prompts(settings["requests"], settings["input_len"], seed + index)
-        result = await run_load(base_url, model, prompts, concurrency=concurrency, output_len=settings["output_len"])
-        run.loads[concurrency] = result.summary()
-        summary = run.loads[concurrency]
-        say(
-            f"  {run.side} c={concurrency}: {summary['output_tok_per_s']:.0f} tok/s, "
-            f"TTFT p50 {_num(summary['ttft_p50_ms'])} ms, errors {summary['errors']}"
-        )
-
-
-def _check_settings(concurrency: Sequence[int], requests: int, input_len: int, output_len: int, rounds: int) -> None:
+def _check_settings(starts: int, rounds: int, concurrency: Sequence[int], requests_per_stream: int, input_len: int,
+                    output_len: int) -> None:
     problems = []
     if not concurrency or any(c < 1 for c in concurrency):
         problems.append(f"concurrency must be positive integers, got {list(concurrency)}")
-    for name, value in (("requests", requests), ("input_len", input_len), ("output_len", output_len),
-                        ("rounds", rounds)):
+    for name, value in (("starts", starts), ("rounds", rounds), ("requests_per_stream", requests_per_stream),
+                        ("input_len", input_len), ("output_len", output_len)):
         if value < 1:
             problems.append(f"{name} must be at least 1, got {value}")
     if problems:
         raise ConfigError("Invalid benchmark settings: " + "; ".join(problems) + ".")
 
 
-def _num(value: float | None) -> str:
+_SHORT = {"ready_s": "ready s", "c1_ttft_p50_ms": "c1 TTFT ms", "serving_cpu_s_per_1k_tok": "serve CPU/1k",
+          "tok_per_engine_cpu_s": "tok/eng-CPU", "loadgen_cpu_s_per_1k_tok": "gen CPU/1k"}
+
+
+def _short(metric: str) -> str:
+    """A column title for the per-start table."""
+    if metric in _SHORT:
+        return _SHORT[metric]
+    return metric.replace("_tok_per_s", " tok/s").replace("_ttft_p50_ms", " TTFT ms")
+
+
+def _cell(value: float | bool | None) -> str:
     if value is None:
         return "-"
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.1f}" if isinstance(value, float) else str(value)
+    if isinstance(value, bool):
+        return "STALL" if value else "ok"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def _value(value: tuple[float, float, float] | dict[str, int] | float | None) -> str:
+    if isinstance(value, tuple):
+        return _spread(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{name} {count}" for name, count in value.items())
+    return _cell(value)
+
+
+def _spread(spread: tuple[float, float, float] | None) -> str:
+    if spread is None:
+        return "-"
+    median, low, high = spread
+    return f"{_cell(median)} ({_cell(low)}-{_cell(high)})"
 
 
 async def soak_model(

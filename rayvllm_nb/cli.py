@@ -67,13 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("config", nargs="?", default="tiny-cpu", help="YAML file or config name (default: tiny-cpu)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key (repeatable)")
-    bench.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="comma-separated, e.g. 1,8,32")
-    bench.add_argument("--requests", type=int, default=256, help="requests at each concurrency")
+    bench.add_argument("--starts", type=int, default=5,
+                       help="server starts per side (default 5; 1-2 to screen a variant, 5+ for figures you report)")
+    bench.add_argument("--rounds", type=int, default=3, help="loads of each side per start, alternating (default 3)")
+    bench.add_argument("--concurrency", type=_int_list, default=[1, 8], help="comma-separated, e.g. 1,8 (default)")
+    bench.add_argument("--requests-per-stream", type=int, default=16,
+                       help="requests per concurrent stream in each load (default 16: 128 at c=8)")
     bench.add_argument("--input-len", type=int, default=32, help="prompt length in words")
     bench.add_argument("--output-len", type=int, default=64, help="output tokens per request (ignore_eos)")
-    bench.add_argument("--rounds", type=int, default=1, help="alternate the sides this many times (A B A B)")
-    bench.add_argument("--no-relaunch", dest="relaunch", action="store_false",
-                       help="skip the second start of each side (relaunch time to ready)")
+    bench.add_argument("--no-pinned-baseline", dest="pinned_baseline", action="store_false",
+                       help="skip the third side: vLLM alone with rayvllm_nb's CPU placement")
     bench.add_argument("--output", help="JSON file (default: bench-results/bench-<time>.json)")
     bench.set_defaults(run=_bench)
 
@@ -172,8 +175,9 @@ def _bench(args: argparse.Namespace) -> int:
         rayvllm_nb.init(args.address)
     output = args.output or f"bench-results/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report = rayvllm_nb.bench(
-        args.config, args.overrides, concurrency=args.concurrency, requests=args.requests, input_len=args.input_len,
-        output_len=args.output_len, rounds=args.rounds, relaunch=args.relaunch, output=output,
+        args.config, args.overrides, starts=args.starts, rounds=args.rounds, concurrency=args.concurrency,
+        requests_per_stream=args.requests_per_stream, input_len=args.input_len, output_len=args.output_len,
+        pinned_baseline=args.pinned_baseline, output=output,
         on_event=lambda message: print(message, flush=True),
     )
     print(report.table())

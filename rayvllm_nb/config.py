@@ -95,6 +95,14 @@ class ModelConfig(BaseModel):
         default=None,
         description="CPU cores each TP rank binds, e.g. '0|1' (CPU mode); split evenly when unset and TP > 1.",
     )
+    cpu_pinning: bool = Field(
+        default=True,
+        description=(
+            "CPU mode: pin vLLM's engine core beside its rank-0 worker and the streaming processes (replica, "
+            "Serve's HAProxy) on the cores no worker binds, so the scheduler never takes the streamer's core "
+            "(docs/performance.md); False leaves them to the OS."
+        ),
+    )
     host: str | None = Field(
         default=None,
         description=(

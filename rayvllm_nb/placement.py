@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rayvllm_nb._internal.replica_env import AUTO_KV_CACHE_ENV
+from rayvllm_nb._internal.replica_env import AUTO_KV_CACHE_ENV, CPU_PINNING_ENV
 from rayvllm_nb.config import ModelConfig
 from rayvllm_nb.errors import ConfigError
 
@@ -30,8 +30,9 @@ def plan_placement(config: ModelConfig, cluster_resources: dict[str, float], nod
 
     GPU, TP=1: one bundle ``{GPU: 1, CPU: 2}``. GPU, TP>1: ``{GPU: 1, CPU: 1}`` per rank,
     PACK. CPU: ``{CPU: 1}`` per rank, PACK, with the KV-cache size (or, when the user sized
-    none, the replica sizes it on its node) and, for TP>1, the per-rank core binding vLLM's CPU
-    workers need when the node reports no NUMA layout.
+    none, the replica sizes it on its node), for TP>1 the per-rank core binding vLLM's CPU
+    workers need when the node reports no NUMA layout, and whether the replica pins its engine's
+    processes (``cpu_pinning``).
     """
     gpus = int(cluster_resources.get("GPU", 0))
     device = resolve_device(config.device, gpus)
@@ -63,6 +64,8 @@ def plan_placement(config: ModelConfig, cluster_resources: dict[str, float], nod
     binding = config.cpu_omp_threads_bind or (_split_cores(node_cpus, tp) if tp > 1 else None)
     if binding:
         env_vars["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    if config.cpu_pinning:
+        env_vars[CPU_PINNING_ENV] = "1"
     return PlacementPlan(device="cpu", bundles=[{"CPU": 1.0} for _ in range(tp)], strategy="PACK", env_vars=env_vars)
 
 
@@ -84,8 +87,11 @@ def _kv_cache_sized(config: ModelConfig) -> bool:
 
 
 def _split_cores(cores: int, ranks: int) -> str:
-    """Contiguous, disjoint core ranges, one per rank: 4 cores, 2 ranks -> '0-1|2-3'."""
-    per_rank = max(cores // ranks, 1)
+    """Contiguous, disjoint core ranges, one per rank, leaving the last core to the processes that
+    stream (as vLLM's own default binding does) when there are more cores than ranks:
+    2 cores, 2 ranks -> '0|1'; 5 cores -> '0-1|2-3'; 8 cores -> '0-2|3-5'."""
+    usable = cores - 1 if cores > ranks else cores
+    per_rank = max(usable // ranks, 1)
     ranges = []
     for rank in range(ranks):
         first = (rank * per_rank) % max(cores, 1)

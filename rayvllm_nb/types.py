@@ -71,6 +71,8 @@ class ReplicaInfo:
     node_ip: str
     kv_cache_gib: float | None
     kv_cache_choice: str
+    cpu_placement: str = ""
+    """Where the CPU engine's processes run, e.g. "engine core on 0 (with its worker), serving on 1"."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,9 @@ class ModelStatus:
         kv = sorted({replica.kv_cache_choice for replica in self.replicas if replica.kv_cache_choice})
         if kv:
             line += f" kv_cache={'; '.join(kv)}"
+        pinned = sorted({replica.cpu_placement for replica in self.replicas if replica.cpu_placement})
+        if pinned:
+            line += f" cpu_placement={'; '.join(pinned)}"
         return line
 
     def problem(self) -> str:

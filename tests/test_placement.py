@@ -20,12 +20,22 @@ def test_gpu_plan_tp2_is_one_gpu_bundle_per_rank_packed_planned_not_run() -> Non
     assert plan.strategy == "PACK" and plan.env_vars == {}
 
 
-def test_cpu_plan_binds_one_core_range_per_rank() -> None:
+def test_cpu_plan_binds_one_core_range_per_rank_and_leaves_a_core_to_stream_when_it_can() -> None:
     config = load_config("tiny-cpu", ["tensor_parallel_size=2"])
     two = plan_placement(config, {"CPU": 2}, 2)
     assert two.device == "cpu" and two.bundles == [{"CPU": 1.0}, {"CPU": 1.0}]
-    assert two.env_vars == {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    assert plan_placement(config, {"CPU": 8}, 8).env_vars["VLLM_CPU_OMP_THREADS_BIND"] == "0-3|4-7"
+    assert two.env_vars == {
+        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1", "RAYVLLM_NB_CPU_PINNING": "1",
+    }
+    bindings = {cores: plan_placement(config, {"CPU": cores}, cores).env_vars["VLLM_CPU_OMP_THREADS_BIND"]
+                for cores in (3, 5, 8)}
+    assert bindings == {3: "0|1", 5: "0-1|2-3", 8: "0-2|3-5"}
+
+
+def test_cpu_pinning_can_be_turned_off() -> None:
+    plan = plan_placement(load_config("tiny-cpu", ["cpu_pinning=false"]), {"CPU": 2}, 2)
+    assert "RAYVLLM_NB_CPU_PINNING" not in plan.env_vars
+    assert "RAYVLLM_NB_CPU_PINNING" not in plan_placement(load_config({"model": "m"}), {"CPU": 2, "GPU": 1}, 2).env_vars
 
 
 def test_cpu_plan_tp1_leaves_vllms_default_binding() -> None:

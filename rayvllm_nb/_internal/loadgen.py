@@ -13,6 +13,8 @@ import json
 import math
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -220,3 +222,38 @@ def percentile(values: list[float], pct: float) -> float | None:
 
 def to_ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
+
+
+def run_load_in_subprocess(
+    base_url: str, model: str, *, count: int, input_words: int, seed: int, concurrency: int, output_len: int,
+    api_key: str | None = None,
+) -> tuple[dict[str, float | int | None], float]:
+    """:func:`run_load` in a process of its own (so the benchmark's own work never competes with it
+    inside one interpreter): the run's summary, and the CPU-seconds the load generator spent on it."""
+    request = {
+        "base_url": base_url, "model": model, "count": count, "input_words": input_words, "seed": seed,
+        "concurrency": concurrency, "output_len": output_len, "api_key": api_key,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", __name__], input=json.dumps(request), capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        raise DeploymentError(f"The load generator failed (exit code {result.returncode}): {result.stderr[-2000:]}")
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    return answer["summary"], answer["cpu_s"]
+
+
+def _main() -> None:
+    """One load run described by a JSON object on stdin; its summary and CPU time as JSON on stdout."""
+    request = json.loads(sys.stdin.read())
+    prompts = make_prompts(request["count"], request["input_words"], request["seed"])
+    cpu_started = time.process_time()
+    result = asyncio.run(run_load(
+        request["base_url"], request["model"], prompts, concurrency=request["concurrency"],
+        output_len=request["output_len"], api_key=request["api_key"],
+    ))
+    print(json.dumps({"summary": result.summary(), "cpu_s": time.process_time() - cpu_started}))
+
+
+if __name__ == "__main__":
+    _main()

@@ -151,6 +151,22 @@ def model_processes(model: str, titles: tuple[str, ...] = MODEL_TITLES) -> list[
     return found
 
 
+def local_cluster_processes() -> list[psutil.Process]:
+    """This machine's processes of the Ray cluster(s) running here: Ray's daemons and workers, Serve's
+    HAProxy, and vLLM engines under replicas."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            name, cmdline = process.info["name"] or "", process.info["cmdline"] or []
+            if ray_process_kind(name, cmdline) is not None or (
+                name.startswith("VLLM::") and MODEL_ENV in process.environ()
+            ):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
 def end_orphans() -> list[str]:
     """End :func:`orphans`; returns what was ended, e.g. ``"VLLM::EngineCore (pid 12, model tiny, 1.2 GB)"``."""
     return end_processes(orphans())

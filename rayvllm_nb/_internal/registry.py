@@ -61,6 +61,8 @@ class ReplicaRecord:
     vllm_version: str
     kv_cache_bytes: int | None
     kv_cache_choice: str
+    cpu_placement: str = ""
+    """Where its CPU engine's processes were pinned (empty on GPU or when pinning is off)."""
     ended: str = ""
     """"" while running; "stopped" (by Serve: stop, replace, scale-down) or "crashed"."""
     cause: str = ""

@@ -12,6 +12,10 @@ ours is recognised by it (see ``processes.orphans``)."""
 AUTO_KV_CACHE_ENV = "RAYVLLM_NB_AUTO_KV_CACHE"
 """Set when the user sized no KV cache (CPU): the replica sizes it on its own node."""
 
+CPU_PINNING_ENV = "RAYVLLM_NB_CPU_PINNING"
+"""Set on CPU when the config's ``cpu_pinning`` is on: the replica pins its engine's processes
+once they run (``cpu_placement``)."""
+
 SECRET_REF_ENV = "RAYVLLM_NB_SECRET_REF"
 """Names the registry entry holding the model's secrets; the only trace of them in a runtime env."""
 

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,13 +26,16 @@ from typing import Any, Self
 import httpx
 import psutil
 
+from rayvllm_nb._internal import cpu_placement
 from rayvllm_nb._internal.logs import root_cause
 from rayvllm_nb._internal.net import free_port
 from rayvllm_nb._internal.paths import log_dir
 from rayvllm_nb._internal.quiet_imports import quiet_driver_imports
+from rayvllm_nb._internal.replica_env import SECRET_ENV_NAMES
 from rayvllm_nb.errors import ConfigError, DeploymentError, ReadinessTimeout
 
 _SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+_SECRET_ENV = frozenset(SECRET_ENV_NAMES)
 _HEALTH_POLL_S = 0.2
 _STOP_GRACE_S = 20.0
 _KILL_WAIT_S = 5.0
@@ -99,6 +103,7 @@ class VllmAloneServer:
     ``start()`` returns once ``/health`` answers 200 and records ``time_to_ready_s``; a server
     that exits or is not ready in time is stopped and raises with the end of its log.
     ``pid`` (also its process group id) stays set after ``stop()``, to check what is left.
+    ``pin_cpu`` places its CPU engine as our deployments do (``cpu_placement``), to compare like with like.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class VllmAloneServer:
         port: int | None = None,
         host: str = "127.0.0.1",
         log_file: Path | None = None,
+        pin_cpu: bool = False,
     ) -> None:
         self.model_source = model_source
         self.served_model_name = served_model_name
@@ -120,6 +126,9 @@ class VllmAloneServer:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.log_file = log_file or log_dir() / f"vllm-alone-{stamp}-{self.port}.log"
         self.pid: int | None = None
+        self.pin_cpu = pin_cpu
+        self.cpu_placement = ""
+        """What ``pin_cpu`` did once the server was up (``cpu_placement``); empty without it."""
         self.time_to_ready_s: float | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -128,15 +137,26 @@ class VllmAloneServer:
         """The server's root URL (the OpenAI API is under ``/v1``)."""
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 300.0) -> Self:
-        """Spawn the server and wait until it is healthy; on any failure stop it and raise DeploymentError."""
-        if self._process is not None:
-            raise DeploymentError(f"The vLLM server at {self.base_url} is already running: stop() it first.")
-        command = [
+    def command(self) -> list[str]:
+        """The command line it runs: the same a user types to start this server by hand."""
+        return [
             sys.executable, "-m", _SERVER_MODULE, *engine_cli_args(self.engine_args),
             "--model", self.model_source, "--served-model-name", self.served_model_name,
             "--host", self.host, "--port", str(self.port),
         ]
+
+    def by_hand(self) -> str:
+        """The shell line that starts this server by hand: its environment variables, then :meth:`command`
+        (a secret such as HF_TOKEN is shown by name only)."""
+        env = [f'{name}="${name}"' if name in _SECRET_ENV else f"{name}={shlex.quote(value)}"
+               for name, value in sorted(self.env.items())]
+        return " ".join([*env, *map(shlex.quote, self.command())])
+
+    def start(self, timeout_s: float = 300.0) -> Self:
+        """Spawn the server and wait until it is healthy; on any failure stop it and raise DeploymentError."""
+        if self._process is not None:
+            raise DeploymentError(f"The vLLM server at {self.base_url} is already running: stop() it first.")
+        command = self.command()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.time_to_ready_s = None
         spawned = time.perf_counter()
@@ -152,7 +172,16 @@ class VllmAloneServer:
             self.stop()
             raise
         self.time_to_ready_s = time.perf_counter() - spawned
+        if self.pin_cpu:
+            placement = cpu_placement.place(psutil.Process(self.pid))
+            self.cpu_placement = placement.summary() if placement else "not pinned: no vLLM CPU worker"
         return self
+
+    def processes(self) -> list[psutil.Process]:
+        """The server's live processes: its API server, vLLM's engine core and workers, helpers."""
+        if self._process is None:
+            return []
+        return _tree_and_group(self._process.pid)
 
     def stop(self) -> None:
         """SIGTERM the server's process group, SIGKILL it and any descendant still alive after 20 s; idempotent."""

@@ -9,7 +9,9 @@ the proxy forwards to the replica in one hop.
 ``VllmServer`` adds, before vLLM starts: the model's secrets (its HF token, from the cluster's
 KV store) in its environment, the embedded tiny model built on its own node, a KV cache sized
 to its node when the user sized none (CPU), and the refusal to start a model that keeps
-crashing (after ``max_restarts`` crashes it deletes its own app, with the cause in status).
+crashing (after ``max_restarts`` crashes it deletes its own app, with the cause in status);
+once vLLM runs, its CPU engine's processes pinned (``cpu_placement``: the engine core beside its
+worker, the streaming on the cores left).
 Around vLLM's app (pure ASGI, nothing per streamed chunk): the endpoint's API key, a fast
 OpenAI-shaped 503 with ``Retry-After`` once the engine is dead, ``GET /health`` (503 when the
 engine cannot serve), 400s naming the request field and 415 for a body that is not JSON. Each
@@ -43,8 +45,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from rayvllm_nb._internal import kv_cache, logs, ray_api, registry
-from rayvllm_nb._internal.replica_env import AUTO_KV_CACHE_ENV, MODEL_ENV, SECRET_ENV_NAMES, SECRET_REF_ENV
+from rayvllm_nb._internal import cpu_placement, kv_cache, logs, ray_api, registry
+from rayvllm_nb._internal.replica_env import (
+    AUTO_KV_CACHE_ENV,
+    CPU_PINNING_ENV,
+    MODEL_ENV,
+    SECRET_ENV_NAMES,
+    SECRET_REF_ENV,
+)
 from rayvllm_nb._internal.serve_haproxy import RETRY_AFTER_S
 from rayvllm_nb.tiny_model import TINY_MODEL_REF, tiny_model_path
 
@@ -70,9 +78,10 @@ class VllmServer(LLMServer):
         self._api_key = await asyncio.to_thread(registry.api_key)
         self._crash_recorder: asyncio.Task[None] | None = None
         await super().__init__(llm_config, **kwargs)
-        await asyncio.to_thread(self._register)
+        pinned = await asyncio.to_thread(_pin_cpu_processes) if os.environ.get(CPU_PINNING_ENV) else ""
+        await asyncio.to_thread(self._register, pinned)
 
-    def _register(self) -> None:
+    def _register(self, cpu_placement: str) -> None:
         import vllm
 
         kv_bytes, kv_choice = self._kv_cache
@@ -80,6 +89,7 @@ class VllmServer(LLMServer):
             replica_id=self._replica_id, actor_id=ray.get_runtime_context().get_actor_id() or "",
             node_ip=ray.util.get_node_ip_address(), pid=os.getpid(), started_at=time.time(),
             vllm_version=vllm.__version__, kv_cache_bytes=kv_bytes, kv_cache_choice=kv_choice,
+            cpu_placement=cpu_placement,
         ))
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
@@ -141,6 +151,14 @@ class VllmServer(LLMServer):
         """Serve stops this replica (stop, replace, scale-down, or after a failed health check)."""
         await asyncio.to_thread(registry.end_replica, self._model_name, self._replica_id, "stopped")
         await super().__del__()
+
+
+def _pin_cpu_processes() -> str:
+    """Pin this replica's CPU engine beside its worker, and this replica with its node's HAProxy on
+    the cores left (``cpu_placement``); what was done, for status."""
+    ingress = cpu_placement.serve_ingress_processes(os.environ.get("RAY_RAYLET_PID", ""))
+    placement = cpu_placement.place(psutil.Process(), ingress)
+    return placement.summary() if placement else "not pinned: no vLLM CPU worker under this replica"
 
 
 def _refuse_a_crash_loop(model_name: str) -> None:

@@ -1,0 +1,51 @@
+"""A CPU replica's processes, where they run once it serves (``cpu_pinning``, on by default)."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+import rayvllm_nb
+from rayvllm_nb._internal import cpu_placement
+from rayvllm_nb.types import ModelStatus
+from tests.conftest import model_processes
+
+
+def _cores(pid: int) -> set[int]:
+    return set(os.sched_getaffinity(pid))
+
+
+def _thread_cores(process: psutil.Process) -> set[int]:
+    """The union of the cores the threads of ``process`` may run on."""
+    cores: set[int] = set()
+    for thread in process.threads():
+        cores |= _cores(thread.id)
+    return cores
+
+
+@pytest.mark.slow
+def test_a_cpu_replica_runs_its_engine_core_beside_its_worker_and_streams_on_the_cores_left(
+    shared_tiny: ModelStatus,
+) -> None:
+    name = shared_tiny.name
+    [engine] = model_processes(name, "VLLM::EngineCore")
+    [worker] = model_processes(name, "VLLM::Worker")
+    [replica] = model_processes(name, "ray::ServeReplica")
+    everything = _cores(0)
+    worker_cores = {core for thread in worker.threads() if (cores := _cores(thread.id)) != everything
+                    for core in cores}
+    assert worker_cores and worker_cores != everything, "vLLM binds its worker's threads to cores of its own"
+    assert _thread_cores(engine) <= worker_cores, "the engine core runs beside its worker, never elsewhere"
+    serving = _thread_cores(replica)
+    assert serving and not serving & worker_cores, "the replica streams on the cores no worker binds"
+    ingress = cpu_placement.serve_ingress_processes(replica.environ()["RAY_RAYLET_PID"])
+    assert any(process.name() == "haproxy" for process in ingress)
+    assert all(_thread_cores(process) == serving for process in ingress), "Serve's HAProxy streams there too"
+
+    status = rayvllm_nb.model_status(name)
+    [info] = status.replicas
+    expected = f"engine core on {','.join(map(str, sorted(worker_cores)))} (with its worker), serving on "
+    assert info.cpu_placement == expected + ",".join(map(str, sorted(serving)))
+    assert f"cpu_placement={info.cpu_placement}" in status.summary()
