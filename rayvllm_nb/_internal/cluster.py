@@ -92,6 +92,10 @@ def start_head(config: ClusterConfig) -> str:
     log_file = log_dir() / f"ray-start-{time.strftime('%Y%m%d-%H%M%S')}.log"
     # The head's daemons and workers must not point at another cluster (Ray reads RAY_ADDRESS in them).
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    # Ray's own metrics cost CPU in every Ray process and the dashboard agent (about a tenth of
+    # the serving layer's CPU per token here; docs/performance.md); vLLM's stay at each replica's
+    # /metrics. A user's RAY_enable_metrics_collection=1 turns Ray's back on.
+    env = {"RAY_enable_metrics_collection": "0", **env}
     env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token" if config.token_auth else "disabled"})
     if config.serve_direct_ingress:
         # The user's own RAY_SERVE_* settings win over the direct-ingress defaults.

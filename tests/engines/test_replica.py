@@ -49,3 +49,14 @@ def test_a_cpu_replica_runs_its_engine_core_beside_its_worker_and_streams_on_the
     expected = f"engine core on {','.join(map(str, sorted(worker_cores)))} (with its worker), serving on "
     assert info.cpu_placement == expected + ",".join(map(str, sorted(serving)))
     assert f"cpu_placement={info.cpu_placement}" in status.summary()
+
+
+@pytest.mark.slow
+def test_a_head_rayvllm_nb_starts_runs_without_rays_own_metrics(shared_tiny: ModelStatus) -> None:
+    """Ray's metrics cost CPU in every process while serving; vLLM's stay at the replica's /metrics."""
+    [replica] = model_processes(shared_tiny.name, "ray::ServeReplica")
+    assert replica.environ().get("RAY_enable_metrics_collection") == "0"
+    raylet = psutil.Process(int(replica.environ()["RAY_RAYLET_PID"]))
+    assert raylet.name() == "raylet" and raylet.environ().get("RAY_enable_metrics_collection") == "0", (
+        "the raylet, and so every worker and agent it starts"
+    )
