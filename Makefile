@@ -40,7 +40,7 @@ test-fast: env
 
 # Lint and types, as CI runs them.
 check: env
-	$(BIN)/ruff check rayvllm_nb tests
+	$(BIN)/ruff check rayvllm_nb tests benchmarks
 	$(BIN)/mypy rayvllm_nb
 
 # The side-by-side benchmark (about 20 minutes here): 5 starts of vLLM alone (as by hand, and

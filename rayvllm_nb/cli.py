@@ -8,10 +8,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import rayvllm_nb
-from rayvllm_nb import launch_cluster
+from rayvllm_nb import api, launch_cluster
 from rayvllm_nb._internal.chat import stream_chat_blocking
+from rayvllm_nb.config import load_config
 from rayvllm_nb.errors import ClusterError, ConfigError, RayVllmError
+from rayvllm_nb.tiny_model import make_tiny_model
 from rayvllm_nb.types import ClusterInfo, Progress
 
 
@@ -103,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 def _connect(args: argparse.Namespace, start_local: bool = False) -> ClusterInfo:
     """Connect to the cluster (only `serve` and `demo` start one); say what a stopped cluster left
     behind and connecting ended."""
-    cluster = rayvllm_nb.init(args.address, start_local=start_local)
+    cluster = api.init(args.address, start_local=start_local)
     if cluster.reclaimed:
         print("Ended what a stopped Ray cluster left on this machine:", file=sys.stderr)
         for description in cluster.reclaimed:
@@ -112,9 +113,9 @@ def _connect(args: argparse.Namespace, start_local: bool = False) -> ClusterInfo
 
 
 def _serve(args: argparse.Namespace) -> int:
-    config = rayvllm_nb.load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
     _connect(args, start_local=True)
-    status = rayvllm_nb.start(
+    status = api.start(
         config, replace=args.replace, wait_ready=not args.no_wait, timeout=args.timeout, on_progress=_print_progress
     )
     verb = "ready" if status.ready else "deploying"
@@ -124,13 +125,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     _connect(args)
-    print(rayvllm_nb.status())
+    print(api.status())
     return 0
 
 
 def _logs(args: argparse.Namespace) -> int:
     _connect(args)
-    for line in rayvllm_nb.logs(args.name, tail=args.lines):
+    for line in api.logs(args.name, tail=args.lines):
         print(line)
     return 0
 
@@ -140,11 +141,11 @@ def _stop(args: argparse.Namespace) -> int:
     if args.cluster and not cluster.is_local:
         raise ConfigError(f"--cluster only stops a Ray cluster on this machine; {cluster.address} is remote.")
     everything = args.all or (args.cluster and not args.name)
-    names = [model.name for model in rayvllm_nb.status().models] if everything else [args.name]
+    names = [model.name for model in api.status().models] if everything else [args.name]
     for name in names:
-        print(f"stopped {rayvllm_nb.stop(name)}")
+        print(f"stopped {api.stop(name)}")
     if args.cluster:
-        rayvllm_nb.shutdown()
+        api.shutdown()
         if not launch_cluster.stop(cluster.address):
             raise ClusterError(
                 f"The Ray cluster at {cluster.address} was not started by rayvllm, so it is left running: "
@@ -156,12 +157,12 @@ def _stop(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     _connect(args)
-    model = rayvllm_nb.model_status(args.model)
+    model = api.model_status(args.model)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.text}
     ]
     result = stream_chat_blocking(
-        rayvllm_nb.endpoint(model.name), model.name, messages,
+        api.endpoint(model.name), model.name, messages,
         on_text=_write,
         max_tokens=args.max_tokens, temperature=args.temperature,
     )
@@ -172,9 +173,9 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.address:
-        rayvllm_nb.init(args.address)
+        api.init(args.address)
     output = args.output or f"bench-results/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    report = rayvllm_nb.bench(
+    report = api.bench(
         args.config, args.overrides, starts=args.starts, rounds=args.rounds, concurrency=args.concurrency,
         requests_per_stream=args.requests_per_stream, input_len=args.input_len, output_len=args.output_len,
         pinned_baseline=args.pinned_baseline, output=output,
@@ -186,7 +187,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _soak(args: argparse.Namespace) -> int:
     _connect(args)
-    report = rayvllm_nb.soak(args.name, minutes=args.minutes, concurrency=args.concurrency, output_len=args.output_len)
+    report = api.soak(args.name, minutes=args.minutes, concurrency=args.concurrency, output_len=args.output_len)
     print(report.table())
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +209,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    print(rayvllm_nb.make_tiny_model(args.path))
+    print(make_tiny_model(args.path))
     return 0
 
 

@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Callable
 
-import rayvllm_nb
+from rayvllm_nb import api
 from rayvllm_nb._internal.chat import stream_chat_blocking
 from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, tiny_model_path
 from rayvllm_nb.types import Progress
@@ -27,28 +27,28 @@ def run_demo(config: str = "tiny-cpu", out: Callable[[str], None] = print) -> bo
 
     step = time.perf_counter()
     out("2/5 Ray cluster")
-    cluster = rayvllm_nb.init()
+    cluster = api.init()
     out(f"  {cluster.address} ({cluster.mode}), resources {cluster.resources}")
     timed("cluster", step)
     try:
         step = time.perf_counter()
         out(f"3/5 deploy {config!r} on Ray Serve")
-        status = rayvllm_nb.start(config, wait_ready=True, on_progress=lambda p: out(_progress_line(p)))
+        status = api.start(config, wait_ready=True, on_progress=lambda p: out(_progress_line(p)))
         timed("deploy to ready", step)
 
         out(f"4/5 chat: {DEMO_PROMPT!r}")
         result = stream_chat_blocking(
-            rayvllm_nb.endpoint(status.name), status.name, [{"role": "user", "content": DEMO_PROMPT}],
+            api.endpoint(status.name), status.name, [{"role": "user", "content": DEMO_PROMPT}],
             on_text=_write,
         )
         out("")
         out(f"  {result.summary()}")
 
         out("5/5 status")
-        out(str(rayvllm_nb.status()))
+        out(str(api.status()))
     finally:
         step = time.perf_counter()
-        rayvllm_nb.shutdown()
+        api.shutdown()
         timed("stop and clean up", step)
     ok = result.text == TINY_MODEL_REPLY
     out(f"total {time.perf_counter() - started:.1f} s; answer {'matches' if ok else 'DIFFERS from'} the known sentence")

@@ -18,10 +18,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import Markdown, display
 
-import rayvllm_nb
+from rayvllm_nb import api
 from rayvllm_nb._internal.chat import stream_chat_blocking
 from rayvllm_nb._internal.facade import BRIDGE
-from rayvllm_nb.config import available_configs
+from rayvllm_nb.config import available_configs, load_config
 from rayvllm_nb.errors import RayVllmError
 from rayvllm_nb.types import Progress
 
@@ -102,7 +102,7 @@ class RayVllmMagics(Magics):
         if not cell.strip():
             raise UsageError("%%chat: the cell is empty; write the message below the magic line.")
         try:
-            model = rayvllm_nb.model_status(args.model)
+            model = api.model_status(args.model)
         except RayVllmError as error:
             raise UsageError(str(error)) from None
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -121,7 +121,7 @@ class RayVllmMagics(Magics):
 
         try:
             result = stream_chat_blocking(
-                rayvllm_nb.endpoint(model.name), model.name, messages, on_text,
+                api.endpoint(model.name), model.name, messages, on_text,
                 max_tokens=args.max_tokens, temperature=args.temperature,
             )
         except openai.APIError as error:  # the engine's answer to a bad request: one line
@@ -132,7 +132,7 @@ class RayVllmMagics(Magics):
     chat.__doc__ = _chat_parser().format_help()
 
     def _init(self, args: argparse.Namespace) -> Any:
-        return rayvllm_nb.init(args.address)
+        return api.init(args.address)
 
     def _start(self, args: argparse.Namespace) -> Any:
         target = args.target if args.target in available_configs() or args.target.endswith((".yaml", ".yml")) else {
@@ -143,27 +143,27 @@ class RayVllmMagics(Magics):
             overrides.append(f"tensor_parallel_size={args.tp}")
         if args.name:
             overrides.append(f"served_model_name={args.name}")
-        config = rayvllm_nb.load_config(target, overrides)
+        config = load_config(target, overrides)
         if args.no_wait:
-            return rayvllm_nb.start(config, replace=args.replace)
+            return api.start(config, replace=args.replace)
         return _run_with_progress(
-            lambda on_progress: rayvllm_nb.ray_backend.start_model(
+            lambda on_progress: api.ray_backend.start_model(
                 config, replace=args.replace, wait_ready=True, timeout=args.timeout, on_progress=on_progress
             ),
             title=f"loading {config.name}",
         )
 
     def _status(self, args: argparse.Namespace) -> Any:
-        return rayvllm_nb.status()
+        return api.status()
 
     def _logs(self, args: argparse.Namespace) -> None:
-        print("\n".join(rayvllm_nb.logs(args.name, tail=args.lines)))
+        print("\n".join(api.logs(args.name, tail=args.lines)))
 
     def _stop(self, args: argparse.Namespace) -> None:
-        print(f"stopped {rayvllm_nb.stop(args.name)}")
+        print(f"stopped {api.stop(args.name)}")
 
     def _panel(self, args: argparse.Namespace) -> Any:
-        return rayvllm_nb.panel()
+        return api.panel()
 
 
 def _parse(parser: _Parser, line: str) -> argparse.Namespace:

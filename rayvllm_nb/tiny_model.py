@@ -71,6 +71,12 @@ def tiny_model_path() -> Path:
     return target
 
 
+def model_source(model: str) -> str:
+    """What vLLM loads for a config's ``model``: the tiny model's folder for :data:`TINY_MODEL_REF`
+    (built on this node when missing), any other model id or folder unchanged."""
+    return str(tiny_model_path()) if model == TINY_MODEL_REF else model
+
+
 def make_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, max_steps: int = 400) -> Path:
     """Build the tiny chat model into ``path`` and return it.
 

@@ -23,6 +23,7 @@ from rayvllm_nb._internal.clients import async_openai_client
 from rayvllm_nb._internal.facade import BRIDGE
 from rayvllm_nb.backend import RayBackend
 from rayvllm_nb.config import available_configs, load_config
+from rayvllm_nb.placement import resolve_device
 from rayvllm_nb.types import Progress
 
 _REFRESH_S = 2.0
@@ -179,7 +180,7 @@ class Panel(widgets.VBox):
         device = self.device.value
         if device == "from config":
             device = load_config(self.config.value).device
-        uses_gpu = device == "gpu" or (device == "auto" and gpus > 0)
+        uses_gpu = resolve_device(device, gpus) == "gpu"
         self.tensor_parallel.max = max(gpus if uses_gpu else node_cpus, 1)
 
     async def _refresh_while_loading(self, name: str, tick: Callable[[], None]) -> None:

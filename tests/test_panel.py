@@ -17,11 +17,12 @@ from tests.conftest import REPO, serve_port
 
 _CREATE_IN_A_FRESH_PROCESS = r"""
 import time
-started = time.monotonic()
 import rayvllm_nb, ray
+started = time.monotonic()
 panel = rayvllm_nb.panel()
 elapsed = time.monotonic() - started
 assert not ray.is_initialized(), "creating the panel connected to Ray"
+assert elapsed < 2.0, f"creating the panel took {elapsed:.2f} s (connecting to Ray takes longer: it must not)"
 assert panel.launch.disabled is False and panel.stop.disabled is True and panel.send.disabled is True
 assert "tiny-cpu" in panel.config.options and "model: builtin:tiny" in panel.preview.value
 print(f"OK {elapsed:.2f}")

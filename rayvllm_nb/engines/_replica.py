@@ -54,7 +54,7 @@ from rayvllm_nb._internal.replica_env import (
     SECRET_REF_ENV,
 )
 from rayvllm_nb._internal.serve_haproxy import RETRY_AFTER_S
-from rayvllm_nb.tiny_model import TINY_MODEL_REF, tiny_model_path
+from rayvllm_nb.tiny_model import model_source
 
 _HEALTH_TIMEOUT_S = 5.0
 _ERROR_TYPES = {
@@ -192,13 +192,13 @@ def _prepare(llm_config: LLMConfig) -> tuple[LLMConfig, tuple[int | None, str]]:
     """The tiny model's real folder, and the KV cache this node can hold when the user sized none."""
     loading = llm_config.model_loading_config
     update: dict[str, Any] = {}
-    if loading.model_source == TINY_MODEL_REF:
-        update["model_loading_config"] = loading.model_copy(update={"model_source": str(tiny_model_path())})
+    resolved = model_source(loading.model_source) if isinstance(loading.model_source, str) else loading.model_source
+    if resolved != loading.model_source:
+        update["model_loading_config"] = loading.model_copy(update={"model_source": resolved})
     engine_kwargs = dict(llm_config.engine_kwargs)
     choice: tuple[int | None, str] = _reported_kv_cache(engine_kwargs)
     if os.environ.get(AUTO_KV_CACHE_ENV):
-        source = (update.get("model_loading_config") or loading).model_source
-        model_dir = Path(source) if isinstance(source, str) and os.path.isdir(source) else None
+        model_dir = Path(resolved) if isinstance(resolved, str) and os.path.isdir(resolved) else None
         size, reason = kv_cache.choose(
             model_dir, engine_kwargs, int(engine_kwargs.get("tensor_parallel_size", 1)),
             psutil.virtual_memory().available,

@@ -42,7 +42,7 @@ from rayvllm_nb.config import ModelConfig, load_config
 from rayvllm_nb.engines import get_engine
 from rayvllm_nb.errors import ConfigError
 from rayvllm_nb.placement import plan_placement
-from rayvllm_nb.tiny_model import TINY_MODEL_REF, tiny_model_path
+from rayvllm_nb.tiny_model import model_source
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -404,13 +404,12 @@ def vllm_alone_server(config: ModelConfig, resources: dict[str, float], *, pin_c
     arguments, vLLM environment variables and device plan as the deployment (GPU: tensor parallelism
     over local GPUs), and our CPU placement only with ``pin_cpu``."""
     plan = plan_placement(config, resources, int(resources["CPU"]))
-    model_source = str(tiny_model_path()) if config.model == TINY_MODEL_REF else config.model
     env = {name: value for name, value in {**plan.env_vars, **config.env_vars}.items()
            if not name.startswith("RAYVLLM_NB_")}
     if config.hf_token is not None:
         env["HF_TOKEN"] = config.hf_token.get_secret_value()
     engine_args = get_engine(config.engine).engine_arguments(config)
-    return VllmAloneServer(model_source, config.name, engine_args, env, pin_cpu=pin_cpu)
+    return VllmAloneServer(model_source(config.model), config.name, engine_args, env, pin_cpu=pin_cpu)
 
 
 def _check_settings(starts: int, rounds: int, concurrency: Sequence[int], requests_per_stream: int, input_len: int,

@@ -1,4 +1,5 @@
-"""`rayvllm bench`: every side measured over starts and rounds, saved as JSON with the comparisons.
+"""`rayvllm bench` (``rayvllm_nb.benchmark``): every side measured over starts and rounds, saved as
+JSON with the comparisons.
 
 Smoke-sized (one start, two rounds, a few requests at concurrency 1 and 2): it checks what the
 report holds and that each side ran where it should, never how fast; performance figures come
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rayvllm_nb.bench import RAYVLLM, VLLM_ALONE, VLLM_ALONE_PINNED
+from rayvllm_nb.benchmark import RAYVLLM, VLLM_ALONE, VLLM_ALONE_PINNED
 from rayvllm_nb.errors import ConfigError
 from tests.conftest import run_cli
 
@@ -70,9 +71,17 @@ def test_bench_settings_are_checked_before_anything_starts() -> None:
     assert "starts must be at least 1" in result.stderr and "concurrency must be positive" in result.stderr
 
 
+def test_rayvllm_nb_bench_stays_the_function_once_the_benchmark_module_is_imported() -> None:
+    import rayvllm_nb
+    import rayvllm_nb.benchmark
+    from rayvllm_nb import api
+
+    assert rayvllm_nb.bench is api.bench, "a second rayvllm_nb.bench(...) in a notebook must still work"
+
+
 def test_vllm_alone_on_a_gpu_config_plans_its_gpus_planned_not_run() -> None:
     """No GPU here: the plan the vLLM-alone side would start with on a machine with 2 GPUs."""
-    from rayvllm_nb.bench import vllm_alone_server
+    from rayvllm_nb.benchmark import vllm_alone_server
     from rayvllm_nb.config import load_config
 
     server = vllm_alone_server(load_config("llama2-7b-tp2-gpu"), {"CPU": 16.0, "GPU": 2.0})
