@@ -5,9 +5,10 @@ On a few cores a server can fall into a mode where tokens reach clients only whe
 ends (docs/performance.md: the "stall"); which server falls into it varies with each server
 start. So the benchmark makes several *starts*: each start launches every side afresh (vLLM
 alone as a user starts it by hand, vLLM alone with our CPU placement, and our deployment on the
-running cluster), warms them all, then loads them in turn, one concurrency after another,
-``rounds`` times with the order rotating, while the others idle. A side *stalls* in a start when
-its median TTFT p50 at concurrency 1 is above 50 ms.
+running cluster) one after the other, in an order that rotates with each start, warms them
+all, then loads them in turn, one concurrency after another, ``rounds`` times with the order
+rotating, while the others idle. A side *stalls* in a start when its median TTFT p50 at
+concurrency 1 is above 50 ms.
 
 The load generator runs in a process of its own; its CPU time is reported. Beside tokens/s and
 TTFT, each load measures CPU-seconds: the engine's (vLLM's engine core and workers) and the
@@ -324,27 +325,34 @@ async def _one_start(
         servers[VLLM_ALONE_PINNED] = vllm_alone_server(config, local_resources(), pin_cpu=True)
     runs: dict[str, SideStart] = {}
     targets: dict[str, tuple[str, str, CpuMeter]] = {}
-    try:
-        for side, server in servers.items():
-            await asyncio.to_thread(server.start)
-            assert server.time_to_ready_s is not None
-            runs[side] = SideStart(side, start, server.time_to_ready_s, "process", server.cpu_placement)
-            targets[side] = (server.base_url, config.name, CpuMeter(server.processes))
-            say(f"{label}: {side} ready in {server.time_to_ready_s:.1f} s {server.cpu_placement}".rstrip())
+
+    async def start_alone(side: str) -> None:
+        server = servers[side]
+        await asyncio.to_thread(server.start)
+        assert server.time_to_ready_s is not None
+        runs[side] = SideStart(side, start, server.time_to_ready_s, "process", server.cpu_placement)
+        targets[side] = (server.base_url, config.name, CpuMeter(server.processes))
+        say(f"{label}: {side} ready in {server.time_to_ready_s:.1f} s {server.cpu_placement}".rstrip())
+
+    async def start_ours(side: str) -> None:
         started = time.perf_counter()
         await backend.initialize_ray()
         status = await backend.start_model(config, wait_ready=True)
         placement = "; ".join(sorted({r.cpu_placement for r in status.replicas if r.cpu_placement}))
-        runs[RAYVLLM] = SideStart(RAYVLLM, start, time.perf_counter() - started, "cold" if cold else "relaunch",
-                                  placement)
-        targets[RAYVLLM] = (status.base_url.removesuffix("/v1"), status.name, CpuMeter(_cluster_processes(backend)))
-        say(f"{label}: {RAYVLLM} ready in {runs[RAYVLLM].ready_s:.1f} s ({runs[RAYVLLM].ready_kind}) {placement}")
+        runs[side] = SideStart(side, start, time.perf_counter() - started, "cold" if cold else "relaunch", placement)
+        targets[side] = (status.base_url.removesuffix("/v1"), status.name, CpuMeter(_cluster_processes(backend)))
+        say(f"{label}: {side} ready in {runs[side].ready_s:.1f} s ({runs[side].ready_kind}) {placement}")
+
+    starters = {**dict.fromkeys(servers, start_alone), RAYVLLM: start_ours}
+    sides = list(starters)
+    try:
+        # Each side starts while the ones started before it idle: the order rotates with the start.
+        for side in _rotated(sides, start):
+            await starters[side](side)
         for base_url, model, _ in targets.values():
             await warm_up(base_url, model)
-        sides = list(runs)
         for round_index in range(settings["rounds"]):
-            shift = (start + round_index) % len(sides)
-            for side in sides[shift:] + sides[:shift]:
+            for side in _rotated(sides, start + round_index):
                 base_url, model, meter = targets[side]
                 for concurrency in settings["concurrency"]:
                     load = await _load(base_url, model, meter, settings, start, round_index, concurrency)
@@ -359,7 +367,12 @@ async def _one_start(
             await backend.stop_model(config.name)
         for server in servers.values():
             await asyncio.to_thread(server.stop)
-    return list(runs.values())
+    return [runs[side] for side in sides]
+
+
+def _rotated(items: list[str], shift: int) -> list[str]:
+    shift %= len(items)
+    return items[shift:] + items[:shift]
 
 
 async def _load(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rayvllm_nb.benchmark import RAYVLLM, VLLM_ALONE, VLLM_ALONE_PINNED
+from rayvllm_nb.benchmark import RAYVLLM, VLLM_ALONE, VLLM_ALONE_PINNED, BenchReport, Load, SideStart
 from rayvllm_nb.errors import ConfigError
 from tests.conftest import run_cli
 
@@ -63,6 +63,41 @@ def test_bench_measures_every_side_over_rounds_with_its_cpu_and_saves_the_compar
 
     assert "-- every start" in result.stdout and f"-- {RAYVLLM} / {VLLM_ALONE}" in result.stdout
     assert f"saved {output}" in result.stdout
+
+
+def _side(side: str, start: int, ready_s: float, rows: list[tuple[int, float, float, float]]) -> SideStart:
+    """A side's start from (concurrency, tok/s, TTFT p50 ms, serving CPU-s) per load, 1,000 tokens each."""
+    loads = [
+        Load(index, concurrency, {"output_tok_per_s": tok_s, "ttft_p50_ms": ttft, "output_tokens": 1000, "errors": 0},
+             serving_cpu_s=serving, engine_cpu_s=2.0, loadgen_cpu_s=0.1)
+        for index, (concurrency, tok_s, ttft, serving) in enumerate(rows)
+    ]
+    return SideStart(side, start, ready_s, "process" if side == VLLM_ALONE else "relaunch", "", loads)
+
+
+def test_the_report_takes_medians_per_start_detects_stalls_and_compares_start_by_start() -> None:
+    starts = [
+        _side(VLLM_ALONE, 0, 30.0, [(1, 300, 120.0, 0.5), (8, 700, 500.0, 0.3), (1, 300, 110.0, 0.5)]),
+        _side(RAYVLLM, 0, 31.0, [(1, 350, 12.0, 1.0), (8, 1800, 45.0, 0.6), (1, 340, 14.0, 1.0)]),
+        _side(VLLM_ALONE, 1, 29.0, [(1, 380, 11.0, 0.4), (8, 2000, 40.0, 0.2)]),
+        _side(RAYVLLM, 1, 33.0, [(1, 360, 13.0, 0.8), (8, 1900, 42.0, 0.4)]),
+    ]
+    report = BenchReport({"served_model_name": "tiny"}, {"concurrency": [1, 8], "starts": 2, "rounds": 2,
+                                                         "requests_per_stream": 16, "input_len": 32, "output_len": 64},
+                         starts, "now")
+    [first, second] = report.per_start(VLLM_ALONE)
+    assert first["c1_ttft_p50_ms"] == 115.0 and first["stalled"] is True and second["stalled"] is False
+    assert first["serving_cpu_s_per_1k_tok"] == pytest.approx(1.3 / 3) and first["tok_per_engine_cpu_s"] == 500
+    assert report.spread(RAYVLLM, "c8_tok_per_s") == (1850.0, 1800.0, 1900.0)
+    assert report.spread(VLLM_ALONE, "c8_tok_per_s", stall_free=True) == (2000.0, 2000.0, 2000.0)
+    comparison = report.comparison()
+    assert comparison["stalled_starts"] == {RAYVLLM: 0, VLLM_ALONE: 1}
+    assert comparison["c8_tok_per_s_ratio"] == (pytest.approx((1800 / 700 + 0.95) / 2), 0.95, pytest.approx(1800 / 700))
+    assert comparison["stall_free_c8_tok_per_s_ratio"] == pytest.approx(1850 / 2000)
+    assert comparison["stall_free_c1_ttft_p50_delta_ms"] == pytest.approx(13.0 - 11.0)
+    assert comparison["relaunch_minus_baseline_ready_s"] == pytest.approx(32.0 - 29.5)
+    table = report.table()
+    assert "STALL" in table and "stalled starts              1 of 2" in table
 
 
 def test_bench_settings_are_checked_before_anything_starts() -> None:
