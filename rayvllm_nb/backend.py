@@ -34,7 +34,7 @@ from rayvllm_nb.placement import PlacementPlan, plan_placement
 from rayvllm_nb.tiny_model import TINY_MODEL_REF
 from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress, ReplicaInfo, Status
 
-_POLL_SECONDS = 0.5
+_POLL_SECONDS = 0.2
 SERVE_PORT_ENV = "RAYVLLM_NB_SERVE_PORT"
 """Serve's port when a config sets none and Serve is not running yet (default 8000)."""
 _DEFAULT_HOST, _DEFAULT_PORT = "127.0.0.1", 8000
