@@ -213,13 +213,19 @@ class BenchReport:
                 lines.append(f"  {metric:<28}{_spread(spread)}")
             stalled = sum(bool(row["stalled"]) for row in self.per_start(side))
             lines.append(f"  {'stalled starts':<28}{stalled} of {len(self.per_start(side))}")
-        for side in (RAYVLLM, VLLM_ALONE_PINNED):
-            if side in self.sides and VLLM_ALONE in self.sides:
-                lines.append(f"-- {side} / {VLLM_ALONE}")
-                for key, value in self.comparison(side).items():
-                    if key not in ("side", "baseline"):
-                        lines.append(f"  {key:<44}{_value(value)}")
+        for comparison in self.comparisons():
+            lines.append(f"-- {comparison['side']} / {comparison['baseline']}")
+            for key, value in comparison.items():
+                if key not in ("side", "baseline"):
+                    lines.append(f"  {key:<44}{_value(value)}")
         return "\n".join(lines)
+
+    def comparisons(self) -> list[dict[str, Any]]:
+        """Ours and the pinned baseline against vLLM alone as by hand, and ours against the pinned
+        baseline (the same placement: what the serving layer itself costs), for the sides present."""
+        pairs = ((RAYVLLM, VLLM_ALONE), (VLLM_ALONE_PINNED, VLLM_ALONE), (RAYVLLM, VLLM_ALONE_PINNED))
+        return [self.comparison(side, baseline) for side, baseline in pairs
+                if side in self.sides and baseline in self.sides]
 
     def to_json(self) -> dict[str, Any]:
         """Plain data: settings, config, every load of every start, per-start figures and comparisons."""
@@ -229,8 +235,7 @@ class BenchReport:
             "settings": self.settings,
             "starts": [asdict(run) for run in self.starts],
             "per_start": {side: self.per_start(side) for side in self.sides},
-            "comparisons": [self.comparison(side) for side in (RAYVLLM, VLLM_ALONE_PINNED)
-                            if side in self.sides and VLLM_ALONE in self.sides],
+            "comparisons": self.comparisons(),
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -48,8 +48,9 @@ def test_bench_measures_every_side_over_rounds_with_its_cpu_and_saves_the_compar
         [row] = rows
         assert row["stalled"] == (row["c1_ttft_p50_ms"] > 50), side
         assert row["tok_per_engine_cpu_s"] > 0 and row["serving_cpu_s_per_1k_tok"] > 0
-    [ours, pinned] = report["comparisons"]
-    assert (ours["side"], pinned["side"]) == (RAYVLLM, VLLM_ALONE_PINNED)
+    ours = report["comparisons"][0]
+    assert [(c["side"], c["baseline"]) for c in report["comparisons"]] == [
+        (RAYVLLM, VLLM_ALONE), (VLLM_ALONE_PINNED, VLLM_ALONE), (RAYVLLM, VLLM_ALONE_PINNED)]
     assert ours["starts"] == {RAYVLLM: 1, VLLM_ALONE: 1}
     stalled = {side: int(report["per_start"][side][0]["stalled"]) for side in (RAYVLLM, VLLM_ALONE)}
     assert ours["stalled_starts"] == stalled
@@ -62,6 +63,7 @@ def test_bench_measures_every_side_over_rounds_with_its_cpu_and_saves_the_compar
     assert not any(part.startswith("RAYVLLM_NB_") for part in by_hand)
 
     assert "-- every start" in result.stdout and f"-- {RAYVLLM} / {VLLM_ALONE}" in result.stdout
+    assert f"-- {RAYVLLM} / {VLLM_ALONE_PINNED}" in result.stdout
     assert f"saved {output}" in result.stdout
 
 
