@@ -23,8 +23,9 @@ from rayvllm_nb._internal.clients import async_openai_client
 from rayvllm_nb._internal.facade import BRIDGE
 from rayvllm_nb.backend import RayBackend
 from rayvllm_nb.config import available_configs, load_config
+from rayvllm_nb.errors import RayVllmError
 from rayvllm_nb.placement import resolve_device
-from rayvllm_nb.types import Progress
+from rayvllm_nb.types import ModelStatus, Progress
 
 _REFRESH_S = 2.0
 _DISPLAY_INTERVAL_S = 0.05
@@ -40,6 +41,7 @@ class Panel(widgets.VBox):
         self._chat_future: Future[Any] | None = None
         self._messages: list[dict[str, str]] = []
         self._clients: dict[str, openai.AsyncOpenAI] = {}
+        self._follower: asyncio.Task[None] | None = None
 
         configs = available_configs()
         self.config = widgets.Dropdown(
@@ -93,6 +95,12 @@ class Panel(widgets.VBox):
         super().__init__([launch_area, status_area, chat_area, self.error])
         if backend.cluster is not None:
             self._submit(self._attach())
+
+    def show(self, name: str) -> None:
+        """Attach the panel to the running model ``name`` (started anywhere: a magic, the CLI, another
+        kernel): its status follows the model live, and Stop and Send act on it."""
+        self.error.value = ""
+        self._lifecycle = self._submit(self._show(name))
 
     def wait(self, timeout: float = 600.0) -> None:
         """Block until the panel's launch, stop and chat work is done (for scripts and tests)."""
@@ -156,8 +164,40 @@ class Panel(widgets.VBox):
             self.progress.value = f"{html.escape(status.name)} ready at {html.escape(status.base_url)} " \
                 f"({time.monotonic() - started:.0f} s)"
             await self._refresh(status.name)
+            self._follow(status)
         finally:
             self._set_buttons()
+
+    async def _show(self, name: str) -> None:
+        await self._backend.initialize_ray()
+        self._show_cluster()
+        status = await self._backend.model_status(name)
+        self._model = status.name
+        self.progress.value = _status_line(status)
+        self._set_buttons()
+        await self._refresh(status.name)
+        self._follow(status)
+
+    def _follow(self, status: ModelStatus) -> None:
+        """Keep the progress line and status table true to the model while the panel shows it."""
+        if self._follower is not None:
+            self._follower.cancel()
+        self._follower = asyncio.ensure_future(self._follow_live(status.name, _status_line(status)))
+
+    async def _follow_live(self, name: str, shown: str) -> None:
+        """Every few seconds while the panel shows ``name``: its state (e.g. RESTARTING after a crash,
+        with the restart count and cause, then ready again); the tables are redrawn when it changes."""
+        while self._model == name:
+            await asyncio.sleep(_REFRESH_S)
+            try:
+                status = await self._backend.model_status(name)
+            except RayVllmError:
+                return
+            line = _status_line(status)
+            if line != shown and self._model == name:
+                shown = line
+                self.progress.value = line
+                self.status.value = (await self._backend.get_status())._repr_html_()
 
     def _overrides(self) -> dict[str, Any]:
         overrides: dict[str, Any] = {"tensor_parallel_size": self.tensor_parallel.value}
@@ -207,6 +247,7 @@ class Panel(widgets.VBox):
         if len(status.models) == 1 and status.models[0].ready:
             self._model = status.models[0].name
             self.progress.value = f"{html.escape(self._model)} is running at {html.escape(status.models[0].base_url)}"
+            self._follow(status.models[0])
         self._set_buttons()
 
     def _show_cluster(self) -> None:
@@ -221,6 +262,8 @@ class Panel(widgets.VBox):
         if self._model is None:
             return
         name, self._model = self._model, None
+        if self._follower is not None:
+            self._follower.cancel()
         self._set_buttons()
         self.progress.value = f"Stopping {html.escape(name)}..."
         await self._backend.stop_model(name)
@@ -290,3 +333,14 @@ class Panel(widgets.VBox):
         self._messages.clear()
         self.history.value = ""
         self.chat_stats.value = ""
+
+
+def _status_line(status: ModelStatus) -> str:
+    """The progress line for a model the panel shows: where it serves, or what is wrong and why."""
+    restarts = f" (restarts: {status.restarts})" if status.restarts else ""
+    if status.ready and status.status == "RUNNING":
+        return f"{html.escape(status.name)} ready at {html.escape(status.base_url)}{restarts}"
+    problem = status.problem()
+    return f"{html.escape(status.name)}: {html.escape(status.status)}{restarts}" + (
+        f": {html.escape(problem)}" if problem else ""
+    )

@@ -20,6 +20,7 @@ import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY, ModelStatus
 from rayvllm_nb._internal import ray_api
 from rayvllm_nb.types import ClusterInfo
+from rayvllm_nb.widget import Panel
 from tests.conftest import leftovers, model_processes, run_cli
 
 pytestmark = pytest.mark.slow
@@ -96,8 +97,8 @@ def _answer() -> str:
 
 def _ride_out_the_restart(status: ModelStatus, restarts: int) -> list[str]:
     """Until the model serves again: every request and /health must answer 503 (OpenAI-shaped, with
-    Retry-After) within 2 s, and status must say RESTARTING with the crash counted and its cause.
-    Returns the statuses seen."""
+    Retry-After) within 2 s, and status must say RESTARTING with the crash counted and its cause
+    (also in the HTML that `%rayvllm status` shows). Returns the statuses seen."""
     seen: list[str] = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -116,6 +117,8 @@ def _ride_out_the_restart(status: ModelStatus, restarts: int) -> list[str]:
         seen.append(now.status)
         if now.status == "RESTARTING":
             assert now.restarts == restarts and now.last_failure, now
+            if "RESTARTING" not in seen[:-1]:
+                assert "RESTARTING" in rayvllm_nb.status()._repr_html_(), "what %rayvllm status shows"
         serving = now.ready and httpx.get(_root(status) + "/health", timeout=30).status_code == 200
         if serving and "RESTARTING" in seen:
             return seen
@@ -143,9 +146,29 @@ def test_replace_lets_a_running_request_finish_first(faulty: ModelStatus) -> Non
     assert replaced.ready and _answer() == TINY_MODEL_REPLY
 
 
+def _panel_lines(panel: Panel, stop: threading.Event) -> list[str]:
+    """Every distinct progress line the panel shows until ``stop`` (read from a thread, as a user sees it)."""
+    lines: list[str] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            if not lines or lines[-1] != panel.progress.value:
+                lines.append(panel.progress.value)
+            time.sleep(0.2)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
 def test_a_killed_engine_fails_requests_fast_then_the_model_comes_back(faulty: ModelStatus) -> None:
     engines = model_processes(NAME, "VLLM::EngineCore")
     assert engines, "the model's engine process was not found: nothing would be killed"
+    panel = rayvllm_nb.panel()
+    panel.show(NAME)
+    panel.wait(60)
+    assert panel.progress.value.startswith(f"{NAME} ready at "), panel.progress.value
+    stop_reading = threading.Event()
+    shown = _panel_lines(panel, stop_reading)
     streams, threads = _streams(faulty.base_url, 4)
     killed_at = time.monotonic()
     for process in engines:
@@ -161,6 +184,13 @@ def test_a_killed_engine_fails_requests_fast_then_the_model_comes_back(faulty: M
     status = rayvllm_nb.model_status(NAME)
     assert status.restarts == 1 and "EngineCore was killed (SIGKILL)" in status.last_failure, status
     assert _answer() == TINY_MODEL_REPLY
+    deadline = time.monotonic() + 10
+    while not shown[-1].startswith(f"{NAME} ready at ") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stop_reading.set()
+    restarting = [line for line in shown if line.startswith(f"{NAME}: RESTARTING (restarts: 1): ")]
+    assert restarting and "EngineCore was killed (SIGKILL)" in restarting[-1], shown
+    assert shown[-1].startswith(f"{NAME} ready at ") and shown[-1].endswith("(restarts: 1)"), shown
 
 
 def test_a_replica_killed_outright_recovers_the_same_way_and_a_new_shell_sees_it(faulty: ModelStatus) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import psutil
 
-ENGINE_TITLES = ("VLLM::EngineCore", "VLLM::Worker")
+from rayvllm_nb._internal.cpu_placement import ENGINE_CORE, WORKER, title
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,7 @@ class CpuMeter:
 
 def is_engine(process: psutil.Process) -> bool:
     """Whether a process is vLLM's engine core or one of its workers."""
-    try:
-        return " ".join(process.cmdline()).startswith(ENGINE_TITLES) or process.name().startswith(ENGINE_TITLES)
-    except psutil.Error:
-        return False
+    return title(process).startswith((ENGINE_CORE, WORKER))
 
 
 def _cpu_by_pid(processes: list[psutil.Process]) -> dict[int, tuple[bool, float]]:

@@ -49,10 +49,10 @@ def place(server: psutil.Process, extra_serving: Sequence[psutil.Process] = ()) 
     ``extra_serving``, e.g. Serve's HAProxy) onto the cores no worker binds. ``server`` is the process
     that started the engine (a Serve replica, or vLLM's API server). None when there is no CPU
     engine under it (a GPU deployment, or the engine is not up)."""
-    engines = [p for p in _descendants(server) if _title(p).startswith(ENGINE_CORE)]
+    engines = [p for p in _descendants(server) if title(p).startswith(ENGINE_CORE)]
     if not engines:
         return None
-    workers = sorted((p for p in _descendants(engines[0]) if _title(p).startswith(WORKER)), key=_title)
+    workers = sorted((p for p in _descendants(engines[0]) if title(p).startswith(WORKER)), key=title)
     if not workers:
         return None
     bound = [_bound_cores(worker) for worker in workers]
@@ -117,7 +117,8 @@ def _descendants(process: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def _title(process: psutil.Process) -> str:
+def title(process: psutil.Process) -> str:
+    """A process's title as vLLM sets it (``VLLM::EngineCore``...): its command line, else its name."""
     try:
         return " ".join(process.cmdline()) or process.name()
     except psutil.Error:
@@ -125,7 +126,7 @@ def _title(process: psutil.Process) -> str:
 
 
 def _describe(process: psutil.Process) -> str:
-    return f"{_title(process).split(' ')[0]} (pid {process.pid})"
+    return f"{title(process).split(' ')[0]} (pid {process.pid})"
 
 
 def _cores(cores: tuple[int, ...]) -> str:

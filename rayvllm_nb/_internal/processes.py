@@ -132,7 +132,6 @@ def orphans() -> list[psutil.Process]:
     return found
 
 
-ENGINE_TITLES = ("VLLM::",)
 MODEL_TITLES = ("VLLM::", "ray::ServeReplica")
 
 
