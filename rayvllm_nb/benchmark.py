@@ -66,10 +66,12 @@ class Load:
     round: int
     concurrency: int
     summary: dict[str, float | int | None]
-    serving_cpu_s: float | None
-    """CPU-seconds of the side's serving processes during the load (None when they are not known)."""
+    serving_cpu_s: float
+    """CPU-seconds of the side's serving processes during the load."""
     engine_cpu_s: float
+    """CPU-seconds of vLLM's engine core and workers during the load."""
     loadgen_cpu_s: float
+    """CPU-seconds of the load generator's process during the load."""
 
 
 @dataclass
@@ -93,11 +95,8 @@ class SideStart:
 
     def per_1k_tokens(self, attribute: str) -> float | None:
         """CPU-seconds (``serving_cpu_s``, ``engine_cpu_s`` or ``loadgen_cpu_s``) per 1,000 output tokens, all loads."""
-        seconds = [getattr(load, attribute) for load in self.loads]
         tokens = sum(int(load.summary["output_tokens"] or 0) for load in self.loads)
-        if any(value is None for value in seconds) or not tokens:
-            return None
-        return 1000 * sum(seconds) / tokens
+        return 1000 * sum(getattr(load, attribute) for load in self.loads) / tokens if tokens else None
 
     def stalled(self) -> bool | None:
         """TTFT p50 at concurrency 1 above :data:`STALL_TTFT_MS` (None without a concurrency-1 load)."""
@@ -392,18 +391,18 @@ async def _load(
         input_words=settings["input_len"], seed=seed, concurrency=concurrency, output_len=settings["output_len"],
     )
     cpu = meter.stop()
-    return Load(round_index, concurrency, summary, cpu.serving_s if cpu.serving_s >= 0 else None, cpu.engine_s,
-                loadgen_cpu_s)
+    return Load(round_index, concurrency, summary, cpu.serving_s, cpu.engine_s, loadgen_cpu_s)
 
 
 def _cluster_processes(backend: RayBackend) -> Callable[[], list[psutil.Process]]:
     """The processes of the cluster ``backend`` is connected to, when rayvllm_nb started its head on this
-    machine (its session); otherwise the Ray and vLLM processes of this machine's raylet."""
+    machine (its session); otherwise every process of the Ray clusters on this machine."""
     address = backend.cluster.address if backend.cluster else ""
     head = next((record for record in processes.recorded_heads() if record.address == address), None)
     if head is not None:
         return lambda: processes.session_processes(head.session_id)
     return processes.local_cluster_processes
+
 
 def local_resources() -> dict[str, float]:
     """What vLLM alone can use on this machine: its cores, and the GPUs CUDA sees (none without torch's CUDA)."""
