@@ -32,7 +32,7 @@ demo: env
 # this checkout registers (its .venv), one cell at most 15 min.
 test: env
 	$(BIN)/python -m ipykernel install --user --name rayvllm-nb --display-name "rayvllm-nb (.venv)" >/dev/null
-	$(BIN)/python -m pytest -p no:randomly --nbmake --nbmake-kernel=rayvllm-nb --nbmake-timeout=900 tests notebooks
+	$(BIN)/python -m pytest -p no:randomly --durations=15 --nbmake --nbmake-kernel=rayvllm-nb --nbmake-timeout=900 tests notebooks
 
 # The inner loop: every test that loads no model, in a random order (under 2 minutes).
 test-fast: env

@@ -24,16 +24,15 @@ def test_bench_measures_every_side_over_rounds_with_its_cpu_and_saves_the_compar
     output = tmp_path / "bench.json"
     result = run_cli(
         "bench", "tiny-cpu", "--starts", "1", "--rounds", "2", "--concurrency", "1,2", "--requests-per-stream", "4",
-        "--output-len", "16", "--output", str(output), timeout=900,
+        "--output-len", "16", "--no-pinned-baseline", "--output", str(output), timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
 
     runs = {run["side"]: run for run in report["starts"]}
-    assert set(runs) == {VLLM_ALONE, VLLM_ALONE_PINNED, RAYVLLM}
+    assert set(runs) == {VLLM_ALONE, RAYVLLM}, "the pinned baseline is left out (its pinning: test_vllm_alone)"
     assert runs[VLLM_ALONE]["cpu_placement"] == "", "the baseline runs as started by hand"
-    for side in (VLLM_ALONE_PINNED, RAYVLLM):
-        assert runs[side]["cpu_placement"].startswith("engine core on "), runs[side]["cpu_placement"]
+    assert runs[RAYVLLM]["cpu_placement"].startswith("engine core on "), runs[RAYVLLM]["cpu_placement"]
     assert runs[RAYVLLM]["ready_kind"] == "relaunch", "the suite's cluster runs: a deployment on it"
     for run in runs.values():
         assert run["ready_s"] > 0
@@ -48,9 +47,8 @@ def test_bench_measures_every_side_over_rounds_with_its_cpu_and_saves_the_compar
         [row] = rows
         assert row["stalled"] == (row["c1_ttft_p50_ms"] > 50), side
         assert row["tok_per_engine_cpu_s"] > 0 and row["serving_cpu_s_per_1k_tok"] > 0
-    ours = report["comparisons"][0]
-    assert [(c["side"], c["baseline"]) for c in report["comparisons"]] == [
-        (RAYVLLM, VLLM_ALONE), (VLLM_ALONE_PINNED, VLLM_ALONE), (RAYVLLM, VLLM_ALONE_PINNED)]
+    [ours] = report["comparisons"]
+    assert (ours["side"], ours["baseline"]) == (RAYVLLM, VLLM_ALONE)
     assert ours["starts"] == {RAYVLLM: 1, VLLM_ALONE: 1}
     stalled = {side: int(report["per_start"][side][0]["stalled"]) for side in (RAYVLLM, VLLM_ALONE)}
     assert ours["stalled_starts"] == stalled
@@ -63,7 +61,6 @@ def test_bench_measures_every_side_over_rounds_with_its_cpu_and_saves_the_compar
     assert not any(part.startswith("RAYVLLM_NB_") for part in by_hand)
 
     assert "-- every start" in result.stdout and f"-- {RAYVLLM} / {VLLM_ALONE}" in result.stdout
-    assert f"-- {RAYVLLM} / {VLLM_ALONE_PINNED}" in result.stdout
     assert f"saved {output}" in result.stdout
 
 
@@ -100,6 +97,13 @@ def test_the_report_takes_medians_per_start_detects_stalls_and_compares_start_by
     assert comparison["relaunch_minus_baseline_ready_s"] == pytest.approx(32.0 - 29.5)
     table = report.table()
     assert "STALL" in table and "stalled starts              1 of 2" in table
+    assert [(c["side"], c["baseline"]) for c in report.comparisons()] == [(RAYVLLM, VLLM_ALONE)]
+    report.starts += [_side(VLLM_ALONE_PINNED, start, 28.0, [(1, 400, 10.0, 0.4), (8, 2100, 40.0, 0.2)])
+                      for start in (0, 1)]
+    assert [(c["side"], c["baseline"]) for c in report.comparisons()] == [
+        (RAYVLLM, VLLM_ALONE), (VLLM_ALONE_PINNED, VLLM_ALONE), (RAYVLLM, VLLM_ALONE_PINNED)]
+    assert report.comparison(RAYVLLM, VLLM_ALONE_PINNED)["c8_tok_per_s_ratio"] == (
+        pytest.approx(1850 / 2100), pytest.approx(1800 / 2100), pytest.approx(1900 / 2100))
 
 
 def test_bench_settings_are_checked_before_anything_starts() -> None:

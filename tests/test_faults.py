@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 NAME = "faulty"
 CONFIG = ["served_model_name=faulty", "route_prefix=/faulty", "max_restarts=2", "max_model_len=2048"]
 CHAT = {"model": NAME, "messages": [{"role": "user", "content": DEMO_PROMPT}], "max_tokens": 64, "temperature": 0}
-LONG = {**CHAT, "max_tokens": 1900, "ignore_eos": True, "stream": True}
+LONG = {**CHAT, "max_tokens": 1900, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 FAST_S = 2.0
 
 
@@ -47,6 +47,9 @@ class Stream:
 
     base_url: str
     chunks: int = 0
+    completion_tokens: int = 0
+    """The server's count in the last chunk: vLLM merges tokens into one chunk when the reader lags."""
+    finish_reason: str | None = None
     done: bool = False
     error: str | None = None
     ended_at: float | None = None
@@ -68,6 +71,10 @@ class Stream:
                         self.error = json.dumps(chunk["error"])
                     else:
                         self.chunks += 1
+                        if chunk.get("usage"):
+                            self.completion_tokens = chunk["usage"]["completion_tokens"]
+                        for choice in chunk.get("choices") or ():
+                            self.finish_reason = choice.get("finish_reason") or self.finish_reason
                         self.started.set()
         except httpx.HTTPError as failure:
             self.error = f"{type(failure).__name__}: {failure}"
@@ -142,7 +149,9 @@ def test_replace_lets_a_running_request_finish_first(faulty: ModelStatus) -> Non
     replaced = rayvllm_nb.start("tiny-cpu", CONFIG, replace=True, wait_ready=True, timeout=600)
     for thread in threads:
         thread.join(120)
-    assert streams[0].done and streams[0].error is None and streams[0].chunks >= 1900, streams[0]
+    stream = streams[0]
+    assert stream.done and stream.error is None, stream
+    assert stream.completion_tokens == 1900 and stream.finish_reason == "length", f"the whole answer: {stream}"
     assert replaced.ready and _answer() == TINY_MODEL_REPLY
 
 

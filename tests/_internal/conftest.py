@@ -30,12 +30,13 @@ def free_test_port() -> int:
 
 
 def tiny_server(
-    log_dir: Path, model_source: str | None = None, engine_args: dict[str, Any] | None = None
+    log_dir: Path, model_source: str | None = None, engine_args: dict[str, Any] | None = None, *,
+    pin_cpu: bool = False,
 ) -> VllmAloneServer:
     """A server for the tiny model (or ``model_source``) named "tiny", not started yet."""
     return VllmAloneServer(
         model_source or str(tiny_model_path()), "tiny", engine_args or ENGINE_ARGS, ENV,
-        port=free_test_port(), log_file=log_dir / "vllm.log",
+        port=free_test_port(), log_file=log_dir / "vllm.log", pin_cpu=pin_cpu,
     )
 
 

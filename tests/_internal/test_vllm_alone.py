@@ -8,6 +8,7 @@ and the stop test, which ends the shared server, comes last.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,9 +101,30 @@ def test_an_engine_core_failure_fails_fast_and_ends_its_children(tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmAloneServer]:
-    with tiny_server(tmp_path_factory.mktemp("vllm-alone")) as running:
+    """One running server, pinned as the benchmark's "vLLM alone pinned" side is."""
+    with tiny_server(tmp_path_factory.mktemp("vllm-alone"), pin_cpu=True) as running:
         running.start(timeout_s=300)
         yield running
+
+
+def _thread_cores(process: psutil.Process) -> set[int]:
+    return {core for thread in process.threads() for core in os.sched_getaffinity(thread.id)}
+
+
+@pytest.mark.slow
+def test_pin_cpu_puts_the_engine_core_beside_its_worker_and_the_api_server_on_the_cores_left(
+    server: VllmAloneServer,
+) -> None:
+    assert server.pid is not None
+    api_server = psutil.Process(server.pid)
+    children = {" ".join(child.cmdline()).split(" ")[0]: child for child in api_server.children(recursive=True)}
+    engine, worker = children["VLLM::EngineCore"], children["VLLM::Worker"]
+    everything = set(os.sched_getaffinity(0))
+    worker_cores = {core for thread in worker.threads() if (cores := os.sched_getaffinity(thread.id)) != everything
+                    for core in cores}
+    assert worker_cores and _thread_cores(engine) <= worker_cores
+    assert _thread_cores(api_server) == everything - worker_cores
+    assert server.cpu_placement.startswith(f"engine core on {','.join(map(str, sorted(worker_cores)))} ")
 
 
 @pytest.mark.slow
