@@ -117,6 +117,19 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None)
     )
 
 
+def thread_cores(process: psutil.Process) -> set[int]:
+    """The cores any thread of ``process`` may run on."""
+    return {core for thread in process.threads() for core in os.sched_getaffinity(thread.id)}
+
+
+def bound_cores(process: psutil.Process) -> set[int]:
+    """The cores the threads of ``process`` that are bound to fewer than all cores run on (a vLLM CPU
+    worker's OpenMP threads)."""
+    everything = set(os.sched_getaffinity(0))
+    return {core for thread in process.threads() if (cores := os.sched_getaffinity(thread.id)) != everything
+            for core in cores}
+
+
 def model_processes(model: str, title: str | tuple[str, ...] = "VLLM::") -> list[psutil.Process]:
     """The vLLM processes of one of our models (engine core, workers), or those with ``title``."""
     return processes.model_processes(model, (title,) if isinstance(title, str) else title)

@@ -22,6 +22,7 @@ from rayvllm_nb._internal.vllm_alone import VllmAloneServer, engine_cli_args
 from rayvllm_nb.errors import ConfigError, DeploymentError
 from rayvllm_nb.tiny_model import tiny_model_path
 from tests._internal.conftest import ENGINE_ARGS, living_group_members, port_is_free, tiny_server
+from tests.conftest import bound_cores, thread_cores
 
 
 def _server_parser():
@@ -107,10 +108,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmAloneServer
         yield running
 
 
-def _thread_cores(process: psutil.Process) -> set[int]:
-    return {core for thread in process.threads() for core in os.sched_getaffinity(thread.id)}
-
-
 @pytest.mark.slow
 def test_pin_cpu_puts_the_engine_core_beside_its_worker_and_the_api_server_on_the_cores_left(
     server: VllmAloneServer,
@@ -119,11 +116,9 @@ def test_pin_cpu_puts_the_engine_core_beside_its_worker_and_the_api_server_on_th
     api_server = psutil.Process(server.pid)
     children = {" ".join(child.cmdline()).split(" ")[0]: child for child in api_server.children(recursive=True)}
     engine, worker = children["VLLM::EngineCore"], children["VLLM::Worker"]
-    everything = set(os.sched_getaffinity(0))
-    worker_cores = {core for thread in worker.threads() if (cores := os.sched_getaffinity(thread.id)) != everything
-                    for core in cores}
-    assert worker_cores and _thread_cores(engine) <= worker_cores
-    assert _thread_cores(api_server) == everything - worker_cores
+    worker_cores = bound_cores(worker)
+    assert worker_cores and thread_cores(engine) <= worker_cores
+    assert thread_cores(api_server) == set(os.sched_getaffinity(0)) - worker_cores
     assert server.cpu_placement.startswith(f"engine core on {','.join(map(str, sorted(worker_cores)))} ")
 
 

@@ -10,19 +10,7 @@ import pytest
 import rayvllm_nb
 from rayvllm_nb._internal import cpu_placement
 from rayvllm_nb.types import ModelStatus
-from tests.conftest import model_processes
-
-
-def _cores(pid: int) -> set[int]:
-    return set(os.sched_getaffinity(pid))
-
-
-def _thread_cores(process: psutil.Process) -> set[int]:
-    """The union of the cores the threads of ``process`` may run on."""
-    cores: set[int] = set()
-    for thread in process.threads():
-        cores |= _cores(thread.id)
-    return cores
+from tests.conftest import bound_cores, model_processes, thread_cores
 
 
 @pytest.mark.slow
@@ -33,16 +21,16 @@ def test_a_cpu_replica_runs_its_engine_core_beside_its_worker_and_streams_on_the
     [engine] = model_processes(name, "VLLM::EngineCore")
     [worker] = model_processes(name, "VLLM::Worker")
     [replica] = model_processes(name, "ray::ServeReplica")
-    everything = _cores(0)
-    worker_cores = {core for thread in worker.threads() if (cores := _cores(thread.id)) != everything
-                    for core in cores}
-    assert worker_cores and worker_cores != everything, "vLLM binds its worker's threads to cores of its own"
-    assert _thread_cores(engine) <= worker_cores, "the engine core runs beside its worker, never elsewhere"
-    serving = _thread_cores(replica)
+    worker_cores = bound_cores(worker)
+    assert worker_cores and worker_cores != set(os.sched_getaffinity(0)), (
+        "vLLM binds its worker's threads to cores of its own"
+    )
+    assert thread_cores(engine) <= worker_cores, "the engine core runs beside its worker, never elsewhere"
+    serving = thread_cores(replica)
     assert serving and not serving & worker_cores, "the replica streams on the cores no worker binds"
     ingress = cpu_placement.serve_ingress_processes(replica.environ()["RAY_RAYLET_PID"])
     assert any(process.name() == "haproxy" for process in ingress)
-    assert all(_thread_cores(process) == serving for process in ingress), "Serve's HAProxy streams there too"
+    assert all(thread_cores(process) == serving for process in ingress), "Serve's HAProxy streams there too"
 
     status = rayvllm_nb.model_status(name)
     [info] = status.replicas
