@@ -1,10 +1,18 @@
-"""The `ray start --head` flags a cluster config becomes, and how Ray's processes are recognised."""
+"""The `ray start --head` flags a cluster config becomes, how Ray's processes are recognised, and a
+connected driver's quiet Serve shutdown."""
 
 from __future__ import annotations
 
-from rayvllm_nb._internal.cluster import head_arguments
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rayvllm_nb._internal.cluster import head_arguments, stop_started_heads
 from rayvllm_nb._internal.processes import ray_process_kind
 from rayvllm_nb.config import load_cluster_config
+from tests.conftest import start_test_head
 
 
 def test_local_gpu_config_leaves_gpu_detection_to_ray_and_keeps_the_dashboard_local() -> None:
@@ -40,3 +48,49 @@ def test_ray_processes_are_recognised_by_name_and_command_line() -> None:
     assert ray_process_kind("haproxy", haproxy) == "Serve HAProxy"
     assert ray_process_kind("haproxy", ["/usr/sbin/haproxy", "-f", "/etc/haproxy/haproxy.cfg"]) is None
     assert ray_process_kind("python", ["/venv/bin/python", "notebook.py"]) is None
+
+
+_SERVE_THEN_SHUTDOWN = """
+import sys
+
+from ray import serve
+
+import rayvllm_nb
+
+rayvllm_nb.init(sys.argv[1])
+
+
+@serve.deployment
+class Echo:
+    def __call__(self, request: object) -> str:
+        return "echo"
+
+
+serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+serve.shutdown()
+rayvllm_nb.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_driver_connected_by_rayvllm_nb_prints_no_raylet_retry_line_when_serve_shuts_down() -> None:
+    """serve.shutdown() kills Serve's controller while its graceful_shutdown task is pending; Ray's
+    driver would print "(raylet) Task ServeController.graceful_shutdown failed ... retried" into
+    the cell. The same script with that notice switched back on (a user's own setting wins) shows
+    the line does appear there, so its absence is the fix's doing."""
+    address = start_test_head(num_cpus=1, min_worker_port=40000, max_worker_port=40999)
+    try:
+        outputs = {}
+        for setting in ("", "1"):
+            env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+            env.pop("RAY_enable_output_error_log_if_still_retry", None)
+            if setting:
+                env["RAY_enable_output_error_log_if_still_retry"] = setting
+            run = subprocess.run([sys.executable, "-c", _SERVE_THEN_SHUTDOWN, address], capture_output=True,
+                                 text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+            assert run.returncode == 0, run.stderr[-2000:]
+            outputs[setting] = run.stdout + run.stderr
+    finally:
+        stop_started_heads(address)
+    assert "graceful_shutdown failed" in outputs["1"], "the notice no longer appears at all: re-check the fix"
+    assert "graceful_shutdown" not in outputs[""], outputs[""][-2000:]
