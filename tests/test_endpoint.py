@@ -159,7 +159,8 @@ def _speaks_http(ip: str, port: int) -> bool:
 
 def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(keyed: dict[str, Any]) -> None:
     """`ray stop --force` ends Ray's processes but not Serve's HAProxy (which keeps the port) nor the
-    replica's vLLM engine (GBs of memory). The next serve ends them, says so, and serves."""
+    replica's vLLM engine (GBs of memory). The next serve ends them, says so, and serves; then chat,
+    status and stop, each a new `rayvllm` process, see the model and end it."""
     session = next(r.session_id for r in processes.recorded_heads() if r.address == keyed["address"])
     left = _ray_stop_force(session)
     kinds = sorted({p.name() for p in left})
@@ -171,10 +172,19 @@ def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(key
         assert served.returncode == 0, served.stderr
         assert "Ended what a stopped Ray cluster left on this machine" in served.stderr
         assert "Serve HAProxy" in served.stderr and "VLLM::EngineCore" in served.stderr
+        assert "starting the engine" in served.stdout
+        assert f"again ready at http://127.0.0.1:{port}/v1" in served.stdout
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in left)
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                             json={**CHAT, "model": "again"})
         assert answer.json()["choices"][0]["message"]["content"] == TINY_MODEL_REPLY
+        chat = cli(second, "chat", "Say hello.", "--model", "again")
+        assert (chat.returncode, chat.stdout.strip()) == (0, TINY_MODEL_REPLY), chat.stderr
+        assert "TTFT" in chat.stderr
+        assert "again: RUNNING (ready)" in cli(second, "status").stdout
+        stopped = cli(second, "stop", "again")
+        assert (stopped.returncode, stopped.stdout.strip()) == (0, "stopped again"), stopped.stderr
+        assert "again" not in cli(second, "status").stdout
     finally:
         stop_started_heads(second)
 
