@@ -42,7 +42,7 @@ from rayvllm_nb.errors import (
     ReadinessTimeout,
 )
 from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, make_tiny_model
-from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress, Status
+from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress, ShutdownReport, Status
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -73,6 +73,7 @@ __all__ = [
     "RayBackend",
     "RayVllmError",
     "ReadinessTimeout",
+    "ShutdownReport",
     "Status",
     "async_client",
     "available_configs",

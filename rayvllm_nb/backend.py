@@ -32,7 +32,7 @@ from rayvllm_nb.engines import get_engine
 from rayvllm_nb.errors import ConfigError, DeploymentError, NotDeployedError, ReadinessTimeout
 from rayvllm_nb.placement import PlacementPlan, plan_placement
 from rayvllm_nb.tiny_model import TINY_MODEL_REF
-from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress, ReplicaInfo, Status
+from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress, ReplicaInfo, ShutdownReport, Status
 
 _POLL_SECONDS = 0.2
 SERVE_PORT_ENV = "RAYVLLM_NB_SERVE_PORT"
@@ -264,33 +264,39 @@ class RayBackend:
         registry.forget_model(record.name)
         self._started_here.discard(record.name)
 
-    async def shutdown(self) -> None:
-        """Stop what this process started: its models, Serve, and the local cluster if it started it."""
+    async def shutdown(self) -> ShutdownReport:
+        """Stop what this process started: its models, Serve, and the local cluster if it started it;
+        then disconnect. The report says what went and what was left running."""
         if self._cluster is None:
-            return
+            return ShutdownReport()
+        stopped = []
         for name in sorted(self._started_here):
             try:
-                await self.stop_model(name)
+                stopped.append(await self.stop_model(name))
             except NotDeployedError:
                 self._started_here.discard(name)
-        await asyncio.to_thread(self._disconnect)
+        return await asyncio.to_thread(self._disconnect, tuple(stopped))
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, stopped: tuple[str, ...]) -> ShutdownReport:
         import ray
         from ray import serve
 
         with self._connect_lock:
             cluster, self._cluster = self._cluster, None
+            serve_stopped = False
             try:
                 if self._serve_started_here and not registry.models():
                     serve.shutdown()
                     registry.forget_endpoint()
+                    serve_stopped = True
                 self._serve_started_here = False
                 ray.shutdown()
             finally:
                 # The cluster this process started goes, whatever happened above.
-                if cluster is not None and cluster.mode == "started-local":
+                started_here = cluster is not None and cluster.mode == "started-local"
+                if cluster is not None and started_here:
                     _cluster.stop_started_heads(cluster.address)
+        return ShutdownReport(stopped, serve_stopped, cluster.address if cluster else None, started_here)
 
     def _replica_logs(self, actor_ids: Iterable[str], tail: int) -> list[str]:
         ids = list(actor_ids)

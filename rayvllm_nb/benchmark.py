@@ -185,6 +185,9 @@ class BenchReport:
             ),
         }
 
+    def __str__(self) -> str:
+        return self.table()
+
     def table(self) -> str:
         """The report as text: every start of every side, then medians (min-max) and the comparisons."""
         metrics = list(self.per_start(self.sides[0])[0]) if self.starts else []

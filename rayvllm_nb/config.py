@@ -375,9 +375,10 @@ def _load(
                 f"Start it with `rayvllm cluster start-autoscaler --config {path}`; `start` takes a config like "
                 "configs/cluster/local_cpu.yaml."
             )
-    for key, value in _parse_overrides(overrides).items():
+    parsed = _parse_overrides(overrides)
+    for key, value in parsed.items():
         _set_dotted(data, key, value)
-    return _validate(kind, data, origin)
+    return _validate(kind, data, origin, set(parsed))
 
 
 def _plain_data(config: BaseModel) -> dict[str, Any]:
@@ -401,6 +402,64 @@ def find_config_file(source: str, kind: ConfigKind) -> Path:
         f"Config {source!r} is neither a YAML file nor a known config name{did_you_mean(source, named)}. "
         f"Known configs: {', '.join(named) or 'none'}; or pass a path to a YAML file."
     )
+
+
+def resolve_start_target(target: str) -> str | dict[str, str]:
+    """What `serve TARGET` / `%rayvllm start TARGET` deploys, checked before anything starts: a
+    config name or YAML file as given; a local model folder, ``builtin:tiny`` or a Hugging Face
+    model id as ``{"model": ...}``. Anything else (a mistyped config name, a missing folder, a model
+    the hub does not have) is a ConfigError with "did you mean", not a minute of loading."""
+    named = available_configs()
+    if target in named or target.endswith((".yaml", ".yml")):
+        return target
+    if target == TINY_MODEL_REF:
+        return {"model": target}
+    path = Path(target).expanduser()
+    if path.is_dir():
+        return {"model": str(path.resolve())}
+    known = _hub_knows(target) if not _looks_like_path(target) else False
+    if known or (known is None and _in_hub_cache(target)):
+        return {"model": target}
+    why = {
+        False: "nor a model the Hugging Face hub has (a private or gated one needs HF_TOKEN)",
+        None: "nor a model in this machine's Hugging Face cache, and the hub could not be reached to look it up",
+    }[known]
+    raise ConfigError(
+        f"{target!r} is not a config name{did_you_mean(target, named)}, a YAML file, a local model folder, "
+        f"{why}. Known configs: {', '.join(named)}; pass one of them, a folder that exists, or a hub id "
+        "such as Qwen/Qwen2.5-0.5B-Instruct."
+    )
+
+
+_HUB_TIMEOUT_S = 5.0
+
+
+def _hub_knows(model_id: str) -> bool | None:
+    """Whether the Hugging Face hub (``HF_ENDPOINT`` when set) has ``model_id``; None when it could
+    not be asked (offline, unreachable, rate limited)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(model_id, timeout=_HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return True
+    except (RepositoryNotFoundError, HFValidationError):
+        return False
+    except Exception:  # noqa: BLE001 - any failure to ask (network, offline mode, 5xx) means "unknown"
+        return None
+    return True
+
+
+def _in_hub_cache(model_id: str) -> bool:
+    """Whether this machine's Hugging Face cache holds ``model_id`` (vLLM loads it offline then)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except HFValidationError:
+        return False
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -447,26 +506,34 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     target[leaf] = value
 
 
-def _validate(kind: type[_Config], data: dict[str, Any], origin: str) -> _Config:
+def _validate(kind: type[_Config], data: dict[str, Any], origin: str, overridden: set[str]) -> _Config:
+    """Validate; each problem is blamed on what the user typed: an override, or the source."""
     try:
         return kind.model_validate(data)
     except ValidationError as error:
-        problems = [_describe(kind, problem) for problem in error.errors()]
+        problems, from_source = [], False
+        for problem in error.errors():
+            location = ".".join(str(part) for part in problem["loc"])
+            by_override = location in overridden or any(location.startswith(f"{key}.") for key in overridden)
+            from_source = from_source or not by_override
+            problems.append(_describe(kind, problem, " (your override)" if by_override else ""))
         what = "model config" if kind is ModelConfig else "cluster config"
+        where = f" from {origin}" if from_source else ""
         raise ConfigError(
-            f"Invalid {what} from {origin}: " + "; ".join(problems) + ". "
+            f"Invalid {what}{where}: " + "; ".join(problems) + ". "
             "Fix these keys (see the field descriptions in the README or docs/cluster-setup.md) and retry."
         ) from None
 
 
-def _describe(kind: type[BaseModel], problem: Mapping[str, Any]) -> str:
+def _describe(kind: type[BaseModel], problem: Mapping[str, Any], label: str = "") -> str:
+    """One validation problem as ``key=value (label): why``."""
     location = ".".join(str(part) for part in problem["loc"])
     if problem["type"] == "extra_forbidden":
-        return f"unknown key {location!r}{did_you_mean(str(problem['loc'][-1]), kind.model_fields)}"
+        return f"unknown key {location!r}{label}{did_you_mean(str(problem['loc'][-1]), kind.model_fields)}"
     if problem["type"] == "missing":
         return f"missing required key {location!r}"
     message = str(problem["msg"]).removeprefix("Value error, ")
     if not location:
         return message
     shown = _MASK if location in SECRET_FIELDS else repr(problem.get("input"))
-    return f"{location}={shown}: {message}"
+    return f"{location}={shown}{label}: {message}"

@@ -9,7 +9,8 @@ RayVllmError                      base: catch this to catch them all
 └── NotDeployedError (LookupError)       no such model is running
 ```
 
-Each message says what was wrong and how to fix it, in one paragraph.
+Each message says what was wrong and how to fix it, in one paragraph. A command's exit code
+comes from the type (:func:`exit_code`): 2 for what the user typed, 1 for what happened.
 """
 
 from __future__ import annotations
@@ -37,3 +38,11 @@ class ReadinessTimeout(DeploymentError, TimeoutError):
 
 class NotDeployedError(RayVllmError, LookupError):
     """The named model (or any model) is not running."""
+
+
+_EXIT_CODES: dict[type[RayVllmError], int] = {ConfigError: 2, ClusterError: 1, DeploymentError: 1, NotDeployedError: 1}
+
+
+def exit_code(error: RayVllmError) -> int:
+    """The `rayvllm` exit code for ``error``: 2 when the input was wrong, 1 otherwise."""
+    return next((code for kind, code in _EXIT_CODES.items() if isinstance(error, kind)), 1)

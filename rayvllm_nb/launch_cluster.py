@@ -28,7 +28,7 @@ from rayvllm_nb._internal import cluster as _cluster
 from rayvllm_nb._internal import ray_api
 from rayvllm_nb._internal.net import address_host
 from rayvllm_nb.config import ClusterConfig, find_config_file, load_cluster_config, read_yaml
-from rayvllm_nb.errors import ConfigError, RayVllmError
+from rayvllm_nb.errors import ConfigError, RayVllmError, exit_code
 
 __all__ = ["HeadNode", "get_address", "main", "start", "start_autoscaler", "status", "stop"]
 
@@ -85,7 +85,7 @@ def status(address: str | None = None) -> _cluster.ClusterReport:
     import ray
 
     if ray.is_initialized():
-        from rayvllm_nb import ray_backend
+        from rayvllm_nb.api import ray_backend
 
         gcs = ray.get_runtime_context().gcs_address
         label = ray_backend.cluster.address if ray_backend.cluster is not None else gcs
@@ -188,12 +188,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a parsed launcher command, turning errors into one message and an exit code."""
+    """Run a parsed launcher command: print what it returns (an int is `ray up`'s own exit code),
+    or its error as one message and an exit code."""
     try:
-        return args.run(args)
+        result = args.run(args)
     except RayVllmError as error:
         print(f"rayvllm cluster: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
+        return exit_code(error)
+    if isinstance(result, int):
+        return result
+    print(result)
+    return 0
 
 
 def _config_options() -> argparse.ArgumentParser:
@@ -210,36 +215,28 @@ def _option(args: argparse.Namespace, name: str) -> Any:
     return getattr(args, name, [] if name == "overrides" else None)
 
 
-def _start(args: argparse.Namespace) -> int:
-    config = load_cluster_config(_option(args, "config") or "local_basic", _option(args, "overrides"))
-    print(start(config))
-    return 0
+def _start(args: argparse.Namespace) -> HeadNode:
+    return start(load_cluster_config(_option(args, "config") or "local_basic", _option(args, "overrides")))
 
 
-def _stop(args: argparse.Namespace) -> int:
+def _stop(args: argparse.Namespace) -> str:
     stopped = stop(_option(args, "address"))
     if not stopped:
-        print("No Ray head started by rayvllm runs on this machine (stop one started by hand with `ray stop`).")
-        return 0
-    print(f"Stopped {len(stopped)} process(es) on this machine:")
-    for description in stopped:
-        print(f"  {description}")
-    return 0
+        return "No Ray head started by rayvllm runs on this machine (stop one started by hand with `ray stop`)."
+    return "\n  ".join([f"Stopped {len(stopped)} process(es) on this machine:", *stopped])
 
 
-def _status(args: argparse.Namespace) -> int:
-    print(status(_option(args, "address")))
-    return 0
+def _status(args: argparse.Namespace) -> _cluster.ClusterReport:
+    return status(_option(args, "address"))
 
 
-def _get_address(args: argparse.Namespace) -> int:
+def _get_address(args: argparse.Namespace) -> str:
+    """The bare address, the last line of stdout (scripts read it); plain Ray's hint on stderr."""
     address = get_address()
     if args.client:
         address = f"ray://{address_host(address)}:{_cluster.running_client_server_port(address)}"
-    # Scripts read the last line of stdout: the bare address. Plain Ray also needs the auth mode.
     print(f"for plain Ray (token authentication is on): {plain_ray_hint(address)}", file=sys.stderr)
-    print(address)
-    return 0
+    return address
 
 
 def _start_autoscaler(args: argparse.Namespace) -> int:

@@ -1,82 +1,124 @@
 """IPython magics: ``%load_ext rayvllm_nb``, then ``%rayvllm ...`` and ``%%chat``.
 
-The magics only call the blocking facade (never Ray directly). Long waits run on the
-facade's loop thread while this cell's thread draws the progress bar, so output lands
-in the cell that asked for it.
+The verbs and their arguments are the CLI's (``_internal/commands``); this module is their cell
+edge: a progress bar while a model loads, one line or an HTML table as the result, and errors as
+one-paragraph usage errors. Callbacks run in the cell's thread (the facade pumps them there), so
+output lands in the cell that asked for it.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import openai
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import Markdown, display
 
-from rayvllm_nb import api
-from rayvllm_nb._internal.chat import stream_chat_blocking
-from rayvllm_nb._internal.facade import BRIDGE
-from rayvllm_nb.config import available_configs, load_config
+from rayvllm_nb._internal import commands, readiness
+from rayvllm_nb._internal.commands import Answer, LogTail, Stopped
+from rayvllm_nb.config import available_configs
 from rayvllm_nb.errors import RayVllmError
 from rayvllm_nb.types import Progress
 
 _DISPLAY_INTERVAL_S = 0.05
 
 
+class _HelpShown(Exception):
+    """argparse printed a command's help (``-h``): nothing else to do."""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting the kernel."""
+    """argparse that raises instead of exiting the kernel, with "did you mean" for a command."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+    def error(self, message: str) -> NoReturn:
+        if "invalid choice: '" in message:
+            word = message.split("invalid choice: '", 1)[1].split("'", 1)[0]
+            message += commands.unknown_command_hint(word, "magic")
+        raise UsageError(f"{self.prog}: {message}. See `%rayvllm help`.")
 
-    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if status == 0:
+            raise _HelpShown
         raise UsageError(message or f"{self.prog}: exit {status}")
 
 
 def _rayvllm_parser() -> _Parser:
     parser = _Parser(prog="%rayvllm", description="Deploy vLLM on Ray Serve from this notebook.", add_help=False)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    init = commands.add_parser("init", help="connect to Ray (or start a local cluster)", add_help=False)
-    init.add_argument("--address", help="host:port or ray://host:10001")
-    start = commands.add_parser("start", help="deploy a config (name or YAML path) or a model id", add_help=False)
-    start.add_argument("target", metavar="CONFIG_OR_MODEL")
-    start.add_argument("--tp", type=int, help="tensor_parallel_size")
-    start.add_argument("--name", help="served_model_name")
-    start.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    start.add_argument("--no-wait", action="store_true", help="return at once; the model keeps loading")
-    start.add_argument("--replace", action="store_true", help="replace a running model of the same name")
-    start.add_argument("--timeout", type=float, default=900.0)
-    commands.add_parser("status", help="cluster, Serve and models (an HTML table)", add_help=False)
-    logs = commands.add_parser("logs", help="the engine replica's last log lines", add_help=False)
-    logs.add_argument("name", nargs="?")
-    logs.add_argument("-n", "--lines", type=int, default=50)
-    stop = commands.add_parser("stop", help="stop a model (the only one without NAME)", add_help=False)
-    stop.add_argument("name", nargs="?")
-    commands.add_parser("panel", help="the launch-and-chat widget panel", add_help=False)
-    commands.add_parser("help", help="this help", add_help=False)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.add_commands(subparsers, "magic", "%rayvllm")
+    subparsers.add_parser("help", help="this help, or one command's: %rayvllm help start", add_help=False) \
+        .add_argument("topic", nargs="?", metavar="COMMAND")
     return parser
 
 
 def _chat_parser() -> _Parser:
-    parser = _Parser(prog="%%chat", description="Send the cell to the model; stream the answer.", add_help=False)
-    parser.add_argument("--model", help="served model name (default: the only one)")
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--system", help="system prompt")
+    parser = _Parser(prog="%%chat", description="Send the cell to the model; stream the answer as Markdown.",
+                     epilog="example:\n  %%chat --model tiny --max-tokens 64\n  Say hello.\n",
+                     formatter_class=commands.HelpFormatter)
+    commands.define_chat_options(parser)
     return parser
 
 
-def _full_help() -> str:
+def _full_help(topic: str | None = None) -> str:
+    """Every command with its options, defaults and examples, the config names, and ``%%chat``."""
     parser = _rayvllm_parser()
-    sections = [parser.format_help()]
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    sections += [sub.format_usage() for sub in subparsers.choices.values()]
-    return "\n".join(sections) + "\n" + _chat_parser().format_help()
+    if topic is not None:
+        if topic in ("chat", "%%chat"):
+            return _chat_parser().format_help()
+        if topic not in subparsers.choices:
+            raise UsageError(f"%rayvllm help: no command {topic!r}{commands.unknown_command_hint(topic, 'magic')}.")
+        return subparsers.choices[topic].format_help()
+    sections = [parser.format_help().rstrip(), f"configs: {', '.join(available_configs())}"]
+    seen: set[int] = set()
+    for sub in subparsers.choices.values():
+        if id(sub) not in seen and sub.prog != "%rayvllm help":
+            seen.add(id(sub))
+            sections.append("-" * 60 + "\n" + sub.format_help().rstrip())
+    sections.append("-" * 60 + "\n" + _chat_parser().format_help().rstrip())
+    return "\n\n".join(sections) + "\n"
+
+
+class _Cell:
+    """The magic's :class:`commands.Ui`: a progress bar for a load, plain lines otherwise."""
+
+    prog = "%rayvllm"
+
+    def __init__(self) -> None:
+        self._bars: list[Any] = []
+
+    def progress(self, title: str) -> Callable[[Progress], None]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(readiness.STAGES) - 1, desc=title, bar_format="{desc} {bar} {elapsed} {postfix}")
+        self._bars.append(bar)
+
+        def show(progress: Progress) -> None:
+            if progress.stage in readiness.STAGES:
+                bar.n = readiness.STAGES.index(progress.stage)
+            bar.set_postfix_str(str(progress), refresh=True)
+
+        return show
+
+    def text(self, piece: str) -> None:
+        sys.stdout.write(piece)
+
+    def say(self, message: str) -> None:
+        print(message)
+
+    def warn(self, message: str) -> None:
+        print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        """End the bars: full and green when loading finished, red where it stopped otherwise."""
+        for bar in self._bars:
+            bar.close()
 
 
 @magics_class
@@ -85,85 +127,58 @@ class RayVllmMagics(Magics):
 
     @line_magic
     def rayvllm(self, line: str) -> Any:
-        args = _parse(_rayvllm_parser(), line)
-        if args.command in (None, "help"):
-            print(_full_help())
-            return None
         try:
-            return getattr(self, f"_{args.command}")(args)
+            args = _parse(_rayvllm_parser(), line)
+        except _HelpShown:
+            return None
+        if args.command in (None, "help"):
+            print(_full_help(getattr(args, "topic", None)))
+            return None
+        cell = _Cell()
+        try:
+            result = args.handler(args, cell)
         except RayVllmError as error:
             raise UsageError(str(error)) from None
+        finally:
+            cell.close()
+        if isinstance(result, (Stopped, LogTail)):
+            print(result)
+            return None
+        return result
 
     rayvllm.__doc__ = _full_help()
 
     @cell_magic
     def chat(self, line: str, cell: str) -> None:
-        args = _parse(_chat_parser(), line)
+        try:
+            args = _parse(_chat_parser(), line)
+        except _HelpShown:
+            return
         if not cell.strip():
             raise UsageError("%%chat: the cell is empty; write the message below the magic line.")
-        try:
-            model = api.model_status(args.model)
-        except RayVllmError as error:
-            raise UsageError(str(error)) from None
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": cell.strip()}
-        ]
+        args.text = cell
         answer = display(Markdown(""), display_id=True)
         pieces: list[str] = []
         shown = 0.0
 
-        def on_text(piece: str) -> None:
-            nonlocal shown
-            pieces.append(piece)
-            if time.monotonic() - shown > _DISPLAY_INTERVAL_S:
-                answer.update(Markdown("".join(pieces)))
-                shown = time.monotonic()
+        class _Stream(_Cell):
+            def text(self, piece: str) -> None:
+                nonlocal shown
+                pieces.append(piece)
+                if time.monotonic() - shown > _DISPLAY_INTERVAL_S:
+                    answer.update(Markdown("".join(pieces)))
+                    shown = time.monotonic()
 
         try:
-            result = stream_chat_blocking(
-                api.endpoint(model.name), model.name, messages, on_text,
-                max_tokens=args.max_tokens, temperature=args.temperature,
-            )
+            result: Answer = commands.run_chat(args, _Stream())
+        except RayVllmError as error:
+            raise UsageError(str(error)) from None
         except openai.APIError as error:  # the engine's answer to a bad request: one line
             raise UsageError(f"%%chat: {type(error).__name__}: {error}") from None
-        answer.update(Markdown(result.text))
-        display(Markdown(f"*{model.name}: {result.summary()}*"))
+        answer.update(Markdown(result.result.text))
+        display(Markdown(f"*{result}*"))
 
     chat.__doc__ = _chat_parser().format_help()
-
-    def _init(self, args: argparse.Namespace) -> Any:
-        return api.init(args.address)
-
-    def _start(self, args: argparse.Namespace) -> Any:
-        target = args.target if args.target in available_configs() or args.target.endswith((".yaml", ".yml")) else {
-            "model": args.target
-        }
-        overrides = list(args.overrides)
-        if args.tp is not None:
-            overrides.append(f"tensor_parallel_size={args.tp}")
-        if args.name:
-            overrides.append(f"served_model_name={args.name}")
-        config = load_config(target, overrides)
-        if args.no_wait:
-            return api.start(config, replace=args.replace)
-        return _run_with_progress(
-            lambda on_progress: api.ray_backend.start_model(
-                config, replace=args.replace, wait_ready=True, timeout=args.timeout, on_progress=on_progress
-            ),
-            title=f"loading {config.name}",
-        )
-
-    def _status(self, args: argparse.Namespace) -> Any:
-        return api.status()
-
-    def _logs(self, args: argparse.Namespace) -> None:
-        print("\n".join(api.logs(args.name, tail=args.lines)))
-
-    def _stop(self, args: argparse.Namespace) -> None:
-        print(f"stopped {api.stop(args.name)}")
-
-    def _panel(self, args: argparse.Namespace) -> Any:
-        return api.panel()
 
 
 def _parse(parser: _Parser, line: str) -> argparse.Namespace:
@@ -171,17 +186,6 @@ def _parse(parser: _Parser, line: str) -> argparse.Namespace:
         return parser.parse_args(shlex.split(line))
     except ValueError as error:  # unbalanced quotes
         raise UsageError(f"{parser.prog}: {error}") from None
-
-
-def _run_with_progress(start: Callable[[Callable[[Progress], None]], Any], title: str) -> Any:
-    """Run ``start(on_progress)`` on the facade's loop; draw its progress from this thread."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=None, desc=title, bar_format="{desc} [{elapsed}]")
-    try:
-        return BRIDGE.pump(start, lambda progress: bar.set_description_str(f"{title}: {progress}"), bar.refresh)
-    finally:
-        bar.close()
 
 
 def load(ipython: Any) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from rayvllm_nb._internal.net import address_host
 
@@ -182,3 +182,30 @@ class Status:
                             f"{html.escape(problem)}</td></tr>")
         header = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
         return head + f"<table>{header}{''.join(rows)}</table>"
+
+
+@dataclass(frozen=True)
+class ShutdownReport:
+    """What ``shutdown()`` stopped, and what it left running (what this process did not start)."""
+
+    models: tuple[str, ...] = ()
+    serve_stopped: bool = False
+    cluster: str | None = None
+    """The cluster this process was connected to (None: it was not connected)."""
+    cluster_stopped: bool = False
+
+    def __str__(self) -> str:
+        if self.cluster is None:
+            return "Nothing to stop: this process was not connected to Ray."
+        done = [f"model {name}" for name in self.models]
+        if self.serve_stopped:
+            done.append("Serve")
+        if self.cluster_stopped:
+            done.append(f"the local Ray cluster at {self.cluster}")
+        said = f"Stopped {', '.join(done)}." if done else "Stopped nothing of this process's."
+        if not self.cluster_stopped:
+            said += f" Disconnected from the Ray cluster at {self.cluster}; it keeps running (not started here)."
+        return said
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(str(self))

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import http.server
+import json
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from rayvllm_nb.config import ModelConfig, available_configs, load_cluster_config, load_config
+from rayvllm_nb._internal.net import free_port
+from rayvllm_nb.config import ModelConfig, available_configs, load_cluster_config, load_config, resolve_start_target
 from rayvllm_nb.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,10 +110,10 @@ def test_shipped_cluster_configs_validate_and_keep_the_dashboard_local() -> None
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"num_cpus": -1}, "num_cpus=-1: Input should be greater than or equal to 0"),
+        ({"num_cpus": -1}, "num_cpus=-1 (your override): Input should be greater than or equal to 0"),
         ({"resources": {"accelerator": -2}}, "resource amounts must be >= 0"),
         ({"object_store_memory_gb": 0}, "object_store_memory_gb=0"),
-        ({"dashbord": False}, "unknown key 'dashbord' (did you mean 'dashboard'?)"),
+        ({"dashbord": False}, "unknown key 'dashbord' (your override) (did you mean 'dashboard'?)"),
         ({"port": 10005}, "port=10005 lies in Ray's worker port range 10002-19999"),
         ({"port": 8265}, "dashboard_port and port both use port 8265"),
         ({"resources": {"GPU": 1}}, "have keys of their own"),
@@ -123,3 +128,65 @@ def test_bad_cluster_configs_say_what_to_fix(overrides: dict[str, object], messa
 def test_a_cluster_launcher_file_is_not_a_local_head_config() -> None:
     with pytest.raises(ConfigError, match="start-autoscaler"):
         load_cluster_config("multi_node_example")
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    """A stand-in for the Hugging Face hub (HF_ENDPOINT): it has ``someorg/known-model`` and
+    answers 404 RepoNotFound for anything else, as the real hub does. An empty HF cache."""
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            known = self.path.split("?")[0] == "/api/models/someorg/known-model"
+            body = json.dumps({"id": "someorg/known-model", "sha": "0" * 40} if known else {"error": "not found"})
+            self.send_response(200 if known else 404)
+            if not known:
+                self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    try:
+        yield "someorg/known-model"
+    finally:
+        server.shutdown()
+
+
+def test_a_start_target_the_hub_has_is_a_model_and_one_it_lacks_is_refused_at_once(hub: str) -> None:
+    assert resolve_start_target(hub) == {"model": hub}
+    with pytest.raises(ConfigError, match="nor a model the Hugging Face hub has") as refused:
+        resolve_start_target("someorg/no-such-model")
+    assert "Known configs: " in str(refused.value) and "tiny-cpu" in str(refused.value)
+
+
+def test_a_mistyped_config_name_is_refused_with_did_you_mean_when_the_hub_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port('127.0.0.1')}")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with pytest.raises(ConfigError, match=r"'tiny-cup' is not a config name \(did you mean 'tiny-cpu'\?\)") as refused:
+        resolve_start_target("tiny-cup")
+    assert "the hub could not be reached" in str(refused.value)
+
+
+def test_config_names_yaml_files_folders_and_the_builtin_model_are_start_targets(tmp_path: Path) -> None:
+    assert resolve_start_target("tiny-cpu") == "tiny-cpu"
+    assert resolve_start_target("mine.yaml") == "mine.yaml"
+    assert resolve_start_target("builtin:tiny") == {"model": "builtin:tiny"}
+    assert resolve_start_target(str(tmp_path)) == {"model": str(tmp_path.resolve())}
+    with pytest.raises(ConfigError, match="a local model folder"):
+        resolve_start_target(str(tmp_path / "missing"))
+
+
+def test_a_bad_override_is_blamed_on_the_override_not_the_file() -> None:
+    with pytest.raises(ConfigError) as bad:
+        load_config("tiny-cpu", ["max_model_len=-5"])
+    assert "max_model_len=-5 (your override): " in str(bad.value)
+    assert "tiny-cpu.yaml" not in str(bad.value)

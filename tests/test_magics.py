@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 
@@ -32,13 +33,19 @@ def test_load_unload_and_reload_register_and_remove_the_magics(ip: InteractiveSh
     assert ip.find_line_magic("rayvllm") and ip.find_cell_magic("chat")
 
 
-def test_generated_help_lists_every_subcommand(ip: InteractiveShell) -> None:
+def test_help_describes_every_command_its_options_defaults_configs_and_examples(ip: InteractiveShell) -> None:
     doc = ip.find_line_magic("rayvllm").__doc__
     for word in ("init", "start", "CONFIG_OR_MODEL", "--tp", "status", "logs", "stop", "panel", "%%chat"):
         assert word in doc
     with capture_output() as captured:
         ip.run_line_magic("rayvllm", "help")
-    assert "--no-wait" in captured.stdout
+    for text in ("--no-wait          return once deployed", "seconds to wait until it answers (default: 900.0)",
+                 "configs: ", "tiny-cpu", "%rayvllm start tiny-cpu --set max_model_len=512", "%rayvllm stop --all",
+                 "longest answer, in tokens (default: 128)"):
+        assert text in captured.stdout, text
+    with capture_output() as one:
+        ip.run_line_magic("rayvllm", "help logs")
+    assert one.stdout.startswith("usage: %rayvllm logs") and "%rayvllm start" not in one.stdout
 
 
 @pytest.mark.parametrize(
@@ -50,11 +57,19 @@ def test_generated_help_lists_every_subcommand(ip: InteractiveShell) -> None:
         ("start tiny-cpu --set tensor_paralel_size=2", "did you mean 'tensor_parallel_size'"),
         ("logs -n", "expected one argument"),
         ('start "unbalanced', "No closing quotation"),
+        ("stauts", r"did you mean 'status'\?"),
+        ("help stauts", r"no command 'stauts' \(did you mean 'status'\?\)"),
+        ("start tiny-cup", r"'tiny-cup' is not a config name \(did you mean 'tiny-cpu'\?\)"),
+        ("start tiny-cpu --set max_model_len=-5", r"max_model_len=-5 \(your override\): "),
     ],
 )
-def test_bad_arguments_are_one_line_usage_errors(ip: InteractiveShell, line: str, message: str) -> None:
+def test_bad_arguments_are_one_line_usage_errors_before_anything_deploys(
+    ip: InteractiveShell, line: str, message: str
+) -> None:
+    started = time.monotonic()
     with pytest.raises(UsageError, match=message):
         ip.run_line_magic("rayvllm", line)
+    assert time.monotonic() - started < 10, "refused only after trying to deploy"
 
 
 def test_usage_errors_show_one_line_without_traceback(ip: InteractiveShell) -> None:
@@ -89,8 +104,9 @@ def test_init_and_status_render_html_and_text(ip: InteractiveShell, cluster: Clu
 @pytest.mark.slow
 def test_start_no_wait_returns_before_the_model_is_ready(ip: InteractiveShell, cluster: ClusterInfo) -> None:
     started = time.monotonic()
-    status = ip.run_line_magic("rayvllm", "start tiny-cpu --name nb-early --no-wait")
-    assert time.monotonic() - started < 20 and not status.ready
+    early = ip.run_line_magic("rayvllm", "start tiny-cpu --name nb-early --no-wait")
+    assert time.monotonic() - started < 20 and not early.status.ready
+    assert str(early).startswith("nb-early deploying at http://127.0.0.1:")
     with capture_output() as captured:
         ip.run_line_magic("rayvllm", "stop nb-early")
     assert captured.stdout.strip() == "stopped nb-early"
@@ -100,9 +116,10 @@ def test_start_no_wait_returns_before_the_model_is_ready(ip: InteractiveShell, c
 @pytest.mark.slow
 def test_start_chat_logs_stop(ip: InteractiveShell, cluster: ClusterInfo) -> None:
     with capture_output() as captured:
-        status = ip.run_line_magic("rayvllm", "start tiny-cpu --name nb-tiny --tp 1")
-    assert status.ready and status.name == "nb-tiny"
-    assert "loading nb-tiny: starting the engine" in captured.stderr
+        started = ip.run_line_magic("rayvllm", "start tiny-cpu --name nb-tiny --tp 1")
+    assert started.status.ready and started.status.name == "nb-tiny"
+    assert re.fullmatch(rf"nb-tiny ready at {re.escape(started.status.base_url)} in \d+ s", str(started))
+    assert "loading nb-tiny" in captured.stderr and "starting the engine" in captured.stderr
     try:
         with capture_output() as chat:
             ip.run_cell_magic("chat", "--model nb-tiny --max-tokens 64 --system 'Be brief.'", "Say hello.")

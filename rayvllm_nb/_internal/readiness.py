@@ -16,6 +16,8 @@ WAITING = "waiting for resources"
 STARTING = "starting the engine"
 CHECKING = "checking the endpoint"
 READY = "ready"
+STAGES = (CREATING, WAITING, STARTING, CHECKING, READY)
+"""The loading stages in order (a progress bar's steps)."""
 LOG_POLL_S = 1.0
 
 

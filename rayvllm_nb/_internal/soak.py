@@ -56,6 +56,9 @@ class SoakReport:
         """Requests over the whole run."""
         return sum(minute.requests for minute in self.minutes)
 
+    def __str__(self) -> str:
+        return self.table()
+
     def table(self) -> str:
         """The run as text: one line per minute, then memory."""
         lines = [

@@ -68,7 +68,7 @@ class Echo:
 
 serve.run(Echo.bind(), name="echo", route_prefix="/echo")
 serve.shutdown()
-rayvllm_nb.shutdown()
+print("REPORT", rayvllm_nb.shutdown())
 """
 
 
@@ -94,3 +94,5 @@ def test_a_driver_connected_by_rayvllm_nb_prints_no_raylet_retry_line_when_serve
         stop_started_heads(address)
     assert "graceful_shutdown failed" in outputs["1"], "the notice no longer appears at all: re-check the fix"
     assert "graceful_shutdown" not in outputs[""], outputs[""][-2000:]
+    assert f"REPORT Stopped nothing of this process's. Disconnected from the Ray cluster at {address}; it keeps " \
+        "running (not started here)." in outputs[""]
