@@ -235,8 +235,9 @@ class RayBackend:
         return await asyncio.to_thread(self._replica_logs, status.replica_actor_ids, tail)
 
     async def get_status(self) -> Status:
-        """The cluster, Serve's HTTP address, the versions running and every model deployed through rayvllm_nb."""
-        cluster = await self.initialize_ray()
+        """The cluster, Serve's HTTP address, the versions running and every model deployed through rayvllm_nb.
+        Connects to a running cluster; never starts one (only deploying does)."""
+        cluster = await self.initialize_ray(start_local=False)
         return await asyncio.to_thread(_status, cluster)
 
     async def model_status(self, name: str | None = None) -> ModelStatus:
@@ -317,7 +318,7 @@ class RayBackend:
         return cause or (message.strip().splitlines() or ["no reason given"])[-1]
 
     async def _record(self, name: str | None) -> registry.DeploymentRecord:
-        await self.initialize_ray()
+        await self.initialize_ray(start_local=False)
         records = await asyncio.to_thread(registry.models)
         if name is None:
             if len(records) == 1:

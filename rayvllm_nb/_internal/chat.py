@@ -31,13 +31,15 @@ class ChatResult:
 
     @property
     def tokens_per_s(self) -> float:
-        """Output tokens per second after the first token."""
-        decode = self.total_s - self.ttft_s
-        return (self.completion_tokens - 1) / decode if decode > 0 and self.completion_tokens > 1 else 0.0
+        """Output tokens per second over the whole answer. (Not "after the first token": vLLM merges
+        tokens into fewer chunks when the reader lags, so the time between the first and the last
+        chunk of a short answer can be near zero and that rate meaningless.)"""
+        return self.completion_tokens / self.total_s if self.total_s > 0 else 0.0
 
     def summary(self) -> str:
-        """One line: tokens, time to first token, decode speed."""
-        return f"{self.completion_tokens} tokens, TTFT {self.ttft_s * 1000:.0f} ms, {self.tokens_per_s:.1f} tok/s"
+        """One line: tokens, time, time to first token, speed."""
+        return (f"{self.completion_tokens} tokens in {self.total_s * 1000:.0f} ms "
+                f"(TTFT {self.ttft_s * 1000:.0f} ms), {self.tokens_per_s:.0f} tok/s")
 
 
 async def stream_chat(

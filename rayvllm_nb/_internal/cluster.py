@@ -43,8 +43,9 @@ def connect(address: str | None, num_cpus: int | None, num_gpus: int | None, sta
         return describe("existing-local", running, _init(running), reclaimed)
     if not start_local:
         raise ClusterError(
-            "No Ray cluster is running on this machine and no address was given. Start one with "
-            "`rayvllm serve CONFIG` or `ray start --head`, or pass --address / set RAY_ADDRESS."
+            "No Ray cluster is running on this machine and no address was given. Starting a model starts "
+            "one (rayvllm_nb.start(CONFIG), `%rayvllm start CONFIG`, `rayvllm serve CONFIG`); or connect to "
+            "yours with rayvllm_nb.init(ADDRESS), --address or RAY_ADDRESS."
         )
     started = start_local_cluster(num_cpus=num_cpus, num_gpus=num_gpus)
     return describe("started-local", started, _init(started), reclaimed)

@@ -104,14 +104,33 @@ def engine_failed(lines: Iterable[str]) -> bool:
 _ADVICE_LINE = re.compile(r"^(?:\([^)]*\) )?(?:INFO|WARNING|DEBUG) ")
 
 
+_PYDANTIC_SUMMARY = re.compile(r"^\d+ validation errors? for \w+$")
+_PROCESS_PREFIX = re.compile(r"^\([^)]*\) ")
+
+
 def root_cause(lines: Iterable[str]) -> str | None:
     """The first ``SomeError: message`` line that is not a generic wrapper or a log line's
-    advice, without log prefixes."""
-    for line in lines:
+    advice, without log prefixes. A pydantic summary ("1 validation error for ModelConfig", as vLLM
+    raises for a bad engine argument) gets the lines after it: the field and the reason."""
+    lines = list(lines)
+    for index, line in enumerate(lines):
         if _ADVICE_LINE.match(line):
             continue
         match = _ERROR_LINE.search(line)
         if match and not any(wrapper in match.group(2) for wrapper in _WRAPPER_ERRORS):
-            return f"{match.group(1)}: {match.group(2).strip()}"
+            message = match.group(2).strip()
+            if _PYDANTIC_SUMMARY.match(message):
+                message = " ".join([message + ":", *_pydantic_details(lines[index + 1:])])
+            return f"{match.group(1)}: {message}"
     return None
 
+
+def _pydantic_details(following: list[str]) -> list[str]:
+    """The indented field and reason lines of a pydantic error, up to its documentation link."""
+    details = []
+    for line in following[:8]:
+        text = _PROCESS_PREFIX.sub("", line)
+        if not text.startswith((" ", "\t")) or "For further information" in text:
+            break
+        details.append(text.strip())
+    return details

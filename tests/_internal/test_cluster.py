@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from rayvllm_nb._internal.cluster import head_arguments, stop_started_heads
+from rayvllm_nb._internal.net import free_port
 from rayvllm_nb._internal.processes import ray_process_kind
 from rayvllm_nb.config import load_cluster_config
 from tests.conftest import start_test_head
@@ -58,6 +59,7 @@ from ray import serve
 import rayvllm_nb
 
 rayvllm_nb.init(sys.argv[1])
+serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[2])})
 
 
 @serve.deployment
@@ -86,7 +88,8 @@ def test_a_driver_connected_by_rayvllm_nb_prints_no_raylet_retry_line_when_serve
             env.pop("RAY_enable_output_error_log_if_still_retry", None)
             if setting:
                 env["RAY_enable_output_error_log_if_still_retry"] = setting
-            run = subprocess.run([sys.executable, "-c", _SERVE_THEN_SHUTDOWN, address], capture_output=True,
+            port = str(free_port("127.0.0.1"))
+            run = subprocess.run([sys.executable, "-c", _SERVE_THEN_SHUTDOWN, address, port], capture_output=True,
                                  text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
             assert run.returncode == 0, run.stderr[-2000:]
             outputs[setting] = run.stdout + run.stderr
