@@ -10,6 +10,7 @@ caller's loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import os
 import re
@@ -102,14 +103,27 @@ class RayBackend:
         Everything that can be checked before deploying is: the config, the engine
         arguments, the cluster's devices, Serve's address and API key, and the names and URL
         prefixes already in use. ``replace=True`` stops a running model of the same name first.
+        Cancelled half-way (Ctrl-C, the panel's Stop), it leaves nothing of the model running.
         """
         model_config = load_config(config, overrides)
         cluster = await self.initialize_ray()
         model_source = _resolve_model_source(model_config.model, cluster.is_local)
-        await asyncio.to_thread(self._deploy, model_config, model_source, replace)
-        if wait_ready:
-            return await self.wait_for_ready(model_config.name, timeout=timeout, on_progress=on_progress)
+        deploying = asyncio.ensure_future(asyncio.to_thread(self._deploy, model_config, model_source, replace))
+        try:
+            await asyncio.shield(deploying)
+            if wait_ready:
+                return await self.wait_for_ready(model_config.name, timeout=timeout, on_progress=on_progress)
+        except asyncio.CancelledError:
+            await self._withdraw(model_config.name, deploying)
+            raise
         return await self.model_status(model_config.name)
+
+    async def _withdraw(self, name: str, deploying: asyncio.Future[None]) -> None:
+        """Undo a cancelled start: let the deploy call (a thread) finish, then stop what it deployed."""
+        with contextlib.suppress(Exception):
+            await deploying
+        with contextlib.suppress(NotDeployedError):
+            await self.stop_model(name)
 
     def _deploy(self, config: ModelConfig, model_source: str, replace: bool) -> None:
         resources, node_cpus = _cluster.cluster_resources()

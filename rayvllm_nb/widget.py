@@ -27,7 +27,7 @@ from rayvllm_nb._internal.conversation import Conversation, Message
 from rayvllm_nb._internal.facade import BRIDGE
 from rayvllm_nb.backend import RayBackend
 from rayvllm_nb.config import available_configs, load_config, resolve_start_target
-from rayvllm_nb.errors import ConfigError, NotDeployedError, RayVllmError
+from rayvllm_nb.errors import ConfigError, RayVllmError
 from rayvllm_nb.placement import resolve_device
 from rayvllm_nb.types import ModelStatus, Progress, Status
 
@@ -149,6 +149,7 @@ class Panel(widgets.VBox):
         self._model: str | None = None
         self._connected = False
         self._launch_future: Future[Any] | None = None
+        self._launch_task: asyncio.Future[None] | None = None
         self._stop_future: Future[Any] | None = None
         self._chat_future: Future[Any] | None = None
         self._clients: dict[str, openai.AsyncOpenAI] = {}
@@ -293,8 +294,14 @@ class Panel(widgets.VBox):
             self.tensor_parallel.value = min(load_config(path).tensor_parallel_size, self.tensor_parallel.max)
 
     def _start_launch(self) -> None:
-        self._launch_future = self._submit(self._launch())
+        self._launch_future = self._submit(self._cancellable_launch())
         self._set_buttons()
+
+    async def _cancellable_launch(self) -> None:
+        """The launch as a task Stop can cancel; done once its cancellation has been cleaned up."""
+        self._launch_task = asyncio.ensure_future(self._launch())
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._launch_task
 
     async def _launch(self) -> None:
         started = time.monotonic()
@@ -323,13 +330,9 @@ class Panel(widgets.VBox):
             await self._bound_tensor_parallel()
             refresher = asyncio.ensure_future(self._refresh_while_loading(config.name, show))
             status = await self._backend.start_model(config, wait_ready=True, on_progress=on_progress)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # start_model removed what it had deployed
             self._failure_shown = True
-            self.progress.value = _failed(f"launch of {name} cancelled" + (" (stopping it)" if name else ""))
-            if name is not None:
-                with contextlib.suppress(NotDeployedError):
-                    await self._backend.stop_model(name)
-                self.progress.value = _failed(f"launch of {name} cancelled; nothing of it runs")
+            self.progress.value = _failed(f"launch of {name or 'the model'} cancelled; nothing of it runs")
             raise
         except Exception as error:  # noqa: BLE001 - the root cause is shown under Launch, not lost in a log
             self._failure_shown = True
@@ -374,8 +377,9 @@ class Panel(widgets.VBox):
                 self.status_area.show_logs(await self._backend.get_logs(name, tail=40))
 
     def _start_stop(self) -> None:
-        if self._launch_future is not None and not self._launch_future.done():
-            self._launch_future.cancel()
+        if self._launch_future is not None and not self._launch_future.done() and self._launch_task is not None:
+            self.progress.value = "Cancelling the launch..."
+            BRIDGE.loop.call_soon_threadsafe(self._launch_task.cancel)
             return
         self._stop_future = self._submit(self._stop())
 

@@ -104,7 +104,8 @@ def engine_failed(lines: Iterable[str]) -> bool:
 _ADVICE_LINE = re.compile(r"^(?:\([^)]*\) )?(?:INFO|WARNING|DEBUG) ")
 
 
-_PYDANTIC_SUMMARY = re.compile(r"^\d+ validation errors? for \w+$")
+_PYDANTIC_SUMMARY = re.compile(r"\d+ validation errors? for \w+$")
+_PYDANTIC_TYPE = re.compile(r"\s*\[type=.*$")
 _PROCESS_PREFIX = re.compile(r"^\([^)]*\) ")
 
 
@@ -119,18 +120,19 @@ def root_cause(lines: Iterable[str]) -> str | None:
         match = _ERROR_LINE.search(line)
         if match and not any(wrapper in match.group(2) for wrapper in _WRAPPER_ERRORS):
             message = match.group(2).strip()
-            if _PYDANTIC_SUMMARY.match(message):
+            if _PYDANTIC_SUMMARY.search(message):
                 message = " ".join([message + ":", *_pydantic_details(lines[index + 1:])])
             return f"{match.group(1)}: {message}"
     return None
 
 
 def _pydantic_details(following: list[str]) -> list[str]:
-    """The indented field and reason lines of a pydantic error, up to its documentation link."""
+    """The indented field and reason lines of a pydantic error, up to its documentation link
+    (without pydantic's ``[type=..., input_value=...]`` suffix)."""
     details = []
     for line in following[:8]:
         text = _PROCESS_PREFIX.sub("", line)
         if not text.startswith((" ", "\t")) or "For further information" in text:
             break
-        details.append(text.strip())
+        details.append(_PYDANTIC_TYPE.sub("", text.strip()))
     return details

@@ -59,14 +59,18 @@ def test_a_failed_send_leaves_the_history_as_it_was(shared_tiny: ModelStatus) ->
 def test_max_tokens_is_bounded_by_the_room_left_and_a_full_context_is_refused(shared_tiny: ModelStatus) -> None:
     endpoint = rayvllm_nb.endpoint(shared_tiny.name)
     conversation = Conversation()
-    long_system = " ".join(["word"] * 1900)
-    conversation.system = long_system
-    room = asyncio.run(measure_context(endpoint, shared_tiny.name, conversation.messages(DEMO_PROMPT))).room
+
+    def room_with(words: int) -> int:
+        conversation.system = " ".join(["word"] * words)
+        return asyncio.run(measure_context(endpoint, shared_tiny.name, conversation.messages(DEMO_PROMPT))).room
+
+    per_word = (room_with(0) - room_with(100)) / 100
+    room = room_with(int((room_with(0) - 100) / per_word))
     assert 0 < room < 200, room
     result = _run(lambda client: conversation.send(client, endpoint, shared_tiny.name, DEMO_PROMPT, lambda _: None,
                                                    max_tokens=100_000, temperature=0.0), shared_tiny)
     assert result.completion_tokens <= room
-    conversation.system = " ".join(["word"] * 2100)
+    conversation.system = " ".join(["word"] * int(2100 / per_word))
     with pytest.raises(ConfigError, match="fills the model's context"):
         _run(lambda client: conversation.send(client, endpoint, shared_tiny.name, DEMO_PROMPT, lambda _: None,
                                               max_tokens=16, temperature=0.0), shared_tiny)

@@ -70,14 +70,14 @@ def test_engine_failure_is_read_from_vllms_fatal_lines() -> None:
 def test_a_pydantic_error_of_vllm_is_quoted_with_its_field_and_reason() -> None:
     lines = [
         "(EngineCore pid=7) ERROR 11-27 10:00:00 [core.py:1] EngineCore failed to start.",
-        "(EngineCore pid=7) pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+        "(EngineCore pid=7) RuntimeError: Failed to create vLLM engine config: 1 validation error for ModelConfig",
         "(EngineCore pid=7)   Value error, User-specified max_model_len (100000) is greater than the derived "
         "max_model_len (max_position_embeddings=2048 in model's config.json). [type=value_error, input_value=...]",
         "(EngineCore pid=7)     For further information visit https://errors.pydantic.dev/2.12/v/value_error",
         "(EngineCore pid=7) Traceback (most recent call last):",
     ]
     assert root_cause(lines) == (
-        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: Value error, "
+        "RuntimeError: Failed to create vLLM engine config: 1 validation error for ModelConfig: Value error, "
         "User-specified max_model_len (100000) is greater than the derived max_model_len "
-        "(max_position_embeddings=2048 in model's config.json). [type=value_error, input_value=...]"
+        "(max_position_embeddings=2048 in model's config.json)."
     )
