@@ -16,10 +16,13 @@ import html
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
+import anywidget
 import ipywidgets as widgets
 import openai
+import traitlets
 from markdown_it import MarkdownIt
 
 from rayvllm_nb._internal.clients import async_openai_client
@@ -37,6 +40,16 @@ _WIDE = {"description_width": "initial"}
 _MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 _BOTTOM_FIRST = "display:flex;flex-direction:column-reverse;overflow:auto"
 """A scroll box that shows its end (the newest line) without scrolling."""
+
+
+class MessageBox(anywidget.AnyWidget):
+    """A text area where Enter sends (``submits`` counts the presses) and Shift+Enter adds a line."""
+
+    _esm = Path(__file__).parent / "_static" / "message_box.js"
+    value = traitlets.Unicode("").tag(sync=True)
+    placeholder = traitlets.Unicode("").tag(sync=True)
+    disabled = traitlets.Bool(False).tag(sync=True)
+    submits = traitlets.Int(0).tag(sync=True)
 
 
 class LaunchArea(widgets.VBox):
@@ -111,7 +124,8 @@ class ChatArea(widgets.VBox):
         self.max_tokens = widgets.BoundedIntText(value=128, min=1, max=1_048_576, description="Max tokens",
                                                  style=_WIDE, layout=widgets.Layout(width="200px"))
         self.context = widgets.HTML("")
-        self.message = widgets.Textarea(placeholder="Your message", layout=widgets.Layout(width="100%"))
+        self.message = MessageBox(placeholder="Your message (Enter sends, Shift+Enter adds a line)",
+                                  layout=widgets.Layout(width="100%"))
         self.send = widgets.Button(description="Send", button_style="primary", icon="paper-plane", disabled=True)
         self.stop_generating = widgets.Button(description="Stop generating", disabled=True)
         self.regenerate = widgets.Button(description="Regenerate", icon="refresh", disabled=True)
@@ -175,6 +189,7 @@ class Panel(widgets.VBox):
         self.launch.on_click(lambda _: self._start_launch())
         self.stop.on_click(lambda _: self._start_stop())
         self.send.on_click(lambda _: self._start_chat(self.message.value.strip()))
+        self.message.observe(lambda _: self._submit_message(), names="submits")
         self.regenerate.on_click(lambda _: self._start_regenerate())
         self.stop_generating.on_click(lambda _: self._chat_future and self._chat_future.cancel())
         self.clear.on_click(lambda _: self._clear_chat())
@@ -295,6 +310,7 @@ class Panel(widgets.VBox):
 
     def _start_launch(self) -> None:
         self._launch_future = self._submit(self._cancellable_launch())
+        self._launch_future.add_done_callback(lambda _: self._set_buttons())
         self._set_buttons()
 
     async def _cancellable_launch(self) -> None:
@@ -419,6 +435,11 @@ class Panel(widgets.VBox):
         self._chat_future = self._submit(self._chat(self._model, text, redo), report=False)
         self._chat_future.add_done_callback(lambda _: self._set_buttons())
         self._set_buttons()
+
+    def _submit_message(self) -> None:
+        """Enter in the message box: Send, when Send may be pressed."""
+        if not self.send.disabled:
+            self._start_chat(self.message.value.strip())
 
     def _start_regenerate(self) -> None:
         removed = self.conversation.turns[-2:]

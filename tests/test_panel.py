@@ -106,7 +106,7 @@ def test_launch_chat_regenerate_clear_and_a_stop_elsewhere(cluster: ClusterInfo,
     try:
         panel.system_prompt.value = "You are terse."
         panel.message.value = DEMO_PROMPT
-        panel.send.click()
+        panel.message.submits += 1  # Enter in the message box
         panel.wait(120)
         assert panel.chat_error.value == "", panel.chat_error.value
         assert panel.conversation.turns[-1] == {"role": "assistant", "content": TINY_MODEL_REPLY}

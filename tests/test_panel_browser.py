@@ -1,6 +1,8 @@
 """The panel in a real browser: JupyterLab on 127.0.0.1 with a token, Debian's Chromium
-driven by Playwright (its own browser download does not work here). The widget views must
-render: the Launch button and the config dropdown are on the page, no widget error."""
+driven by Playwright (its own browser download does not work here). A walk as a user takes it:
+launch from the panel, send with Enter, see the Markdown answer, stop the model from a magic and
+see the panel follow, shut down and see Send disabled. A screenshot of each step is kept in
+test-artifacts/."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
 from tests.conftest import REPO
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -32,11 +35,12 @@ pytestmark = [
     ),
 ]
 
+_CELLS = ("import rayvllm_nb\npanel = rayvllm_nb.panel()\npanel",
+          "%load_ext rayvllm_nb\n%rayvllm stop tiny",
+          "rayvllm_nb.shutdown()")
 _PANEL_NOTEBOOK = {
-    "cells": [{
-        "cell_type": "code", "execution_count": None, "id": "panel", "metadata": {}, "outputs": [],
-        "source": "import rayvllm_nb\nrayvllm_nb.panel()",
-    }],
+    "cells": [{"cell_type": "code", "execution_count": None, "id": f"cell{index}", "metadata": {}, "outputs": [],
+               "source": source} for index, source in enumerate(_CELLS)],
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}},
     "nbformat": 4, "nbformat_minor": 5,
 }
@@ -77,11 +81,19 @@ def jupyterlab(tmp_path: Path) -> Iterator[str]:
             server.kill()
 
 
-def test_panel_widgets_render_in_jupyterlab(jupyterlab: str) -> None:
+def test_a_user_walks_the_panel_in_jupyterlab(jupyterlab: str) -> None:
+    from playwright.sync_api import Page, sync_playwright
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
-    from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
+
+    def run_cell(page: Page, index: int) -> None:
+        page.locator(".jp-NotebookPanel .jp-Cell .cm-content").nth(index).click()
+        page.keyboard.press("Control+Enter")
+
+    def snap(page: Page, name: str) -> None:
+        page.screenshot(path=str(ARTIFACTS / f"panel-walk-{name}.png"), full_page=True)
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
@@ -89,32 +101,60 @@ def test_panel_widgets_render_in_jupyterlab(jupyterlab: str) -> None:
                   "--disable-component-update", "--disable-sync", "--disable-quic"],
         )
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
             page.goto(jupyterlab)
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell .cm-content", timeout=120_000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-            try:
-                # A run sent before the kernel connection is up is dropped, not queued: retry.
-                for _ in range(6):
-                    page.click(".jp-NotebookPanel .jp-Cell .cm-content")
-                    page.keyboard.press("Control+Enter")
-                    try:
-                        launch = page.wait_for_selector(".widget-button:has-text('Launch')", timeout=20_000)
-                        break
-                    except PlaywrightTimeout:
-                        continue
-                else:
-                    pytest.fail("the panel's Launch button never rendered")
-                dropdown = page.wait_for_selector(".widget-dropdown select", timeout=30_000)
-                page.wait_for_timeout(1000)
-            finally:
-                page.screenshot(path=str(ARTIFACTS / "panel-in-jupyterlab.png"), full_page=True)
-            options = dropdown.evaluate("select => Array.from(select.options).map(o => o.textContent)")
+            # A run sent before the kernel connection is up is dropped, not queued: retry.
+            for _ in range(6):
+                run_cell(page, 0)
+                try:
+                    launch = page.wait_for_selector(".widget-button:has-text('Launch')", timeout=20_000)
+                    break
+                except PlaywrightTimeout:
+                    continue
+            else:
+                snap(page, "0-never-rendered")
+                pytest.fail("the panel's Launch button never rendered")
+            page.wait_for_selector("textarea.rayvllm-message", timeout=30_000)
+            snap(page, "1-panel")
             text = page.inner_text("body")
-            launch_visible = launch.is_visible()
+            assert "Error displaying widget" not in text and "model not found" not in text
+
+            launch.click()
+            try:
+                page.wait_for_selector("text=tiny ready at", timeout=600_000)
+            finally:
+                snap(page, "2-launched")
+
+            box = page.locator("textarea.rayvllm-message")
+            box.click()
+            page.keyboard.type("first line")
+            page.keyboard.press("Shift+Enter")
+            page.keyboard.type("second line")
+            assert box.input_value() == "first line\nsecond line", "Shift+Enter adds a line"
+            page.wait_for_timeout(500)
+            assert page.locator("[data-role='user']").count() == 0, "Shift+Enter must not send"
+            box.fill(DEMO_PROMPT)
+            page.keyboard.press("Enter")
+            answer = page.wait_for_selector(f"[data-role='assistant'] p:has-text('{TINY_MODEL_REPLY[:20]}')",
+                                            timeout=120_000)
+            page.wait_for_selector("text=tok/s", timeout=30_000)
+            snap(page, "3-answer")
+            assert answer.inner_text().strip() == TINY_MODEL_REPLY, "the answer is rendered as Markdown (a <p>)"
+            assert box.input_value() == "", "a sent message leaves the box"
+
+            run_cell(page, 1)
+            page.wait_for_selector("text=tiny stopped.", timeout=60_000)
+            page.wait_for_timeout(500)
+            snap(page, "4-stopped-by-a-magic")
+            assert page.locator(".widget-button:has-text('Send')").is_disabled()
+            assert "stopped tiny" in page.inner_text(".jp-NotebookPanel .jp-Cell >> nth=1")
+
+            run_cell(page, 2)
+            page.wait_for_selector("text=Not connected to Ray", timeout=60_000)
+            snap(page, "5-shut-down")
+            assert page.locator(".widget-button:has-text('Send')").is_disabled()
+            assert not page.locator(".widget-button:has-text('Launch')").is_disabled()
         finally:
             browser.close()
-    assert launch_visible
-    assert "tiny-cpu" in options
-    assert "Error displaying widget" not in text and "model not found" not in text
-    assert "Stop generating" in text and "Chat" in text
