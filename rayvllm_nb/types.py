@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from rayvllm_nb._internal.net import address_host
 
+_CELL = "padding:2px 12px 2px 0;white-space:nowrap"
+"""A status table cell: room between columns, no wrapping inside a value."""
+
 ClusterMode = Literal["started-local", "existing-local", "remote"]
 
 
@@ -176,11 +179,11 @@ class Status:
                 model.device, str(model.tensor_parallel_size), html.escape(replicas), str(model.restarts),
                 html.escape(kv), html.escape(model.base_url),
             ]
-            rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+            rows.append("<tr>" + "".join(f"<td style='{_CELL}'>{cell}</td>" for cell in cells) + "</tr>")
             if problem := model.problem():
                 rows.append(f"<tr><td></td><td colspan='{len(columns) - 1}' style='color:#b00'>"
                             f"{html.escape(problem)}</td></tr>")
-        header = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
+        header = "<tr>" + "".join(f"<th style='{_CELL};text-align:left'>{c}</th>" for c in columns) + "</tr>"
         return head + f"<table>{header}{''.join(rows)}</table>"
 
 

@@ -101,6 +101,7 @@ class StatusArea(widgets.VBox):
     def __init__(self) -> None:
         self.status = widgets.HTML("", layout=widgets.Layout(min_height="80px"))
         self.log_tail = widgets.HTML("")
+        self.show_logs([])
         super().__init__([widgets.HTML("<b>Status</b>"), self.status, self.log_tail])
 
     def show_logs(self, lines: list[str]) -> None:

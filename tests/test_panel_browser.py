@@ -124,8 +124,11 @@ def test_a_user_walks_the_panel_in_jupyterlab(jupyterlab: str) -> None:
             launch.click()
             try:
                 page.wait_for_selector("text=tiny ready at", timeout=600_000)
+                page.wait_for_selector("td:has-text('RUNNING')", timeout=30_000)
             finally:
                 snap(page, "2-launched")
+            text = page.inner_text("body")
+            assert "node(s)" in text and " INFO " in text, "the cluster line and the log tail are shown"
 
             box = page.locator("textarea.rayvllm-message")
             box.click()
