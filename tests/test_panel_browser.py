@@ -1,7 +1,8 @@
 """The panel in a real browser: JupyterLab on 127.0.0.1 with a token, Debian's Chromium
 driven by Playwright (its own browser download does not work here). A walk as a user takes it:
 launch from the panel, send with Enter, see the Markdown answer, stop the model from a magic and
-see the panel follow, shut down and see Send disabled. A screenshot of each step is kept in
+see the panel follow, a magic's start that fails (its progress bar and vLLM's reason), shut down
+(what it stopped, no Ray noise) and see Send disabled. A screenshot of each step is kept in
 test-artifacts/."""
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ pytestmark = [
 
 _CELLS = ("import rayvllm_nb\npanel = rayvllm_nb.panel()\npanel",
           "%load_ext rayvllm_nb\n%rayvllm stop tiny",
+          "%rayvllm start tiny-cpu --name broken --set max_model_len=100000",
           "rayvllm_nb.shutdown()")
 _PANEL_NOTEBOOK = {
     "cells": [{"cell_type": "code", "execution_count": None, "id": f"cell{index}", "metadata": {}, "outputs": [],
@@ -155,8 +157,19 @@ def test_a_user_walks_the_panel_in_jupyterlab(jupyterlab: str) -> None:
             assert "stopped tiny" in page.inner_text(".jp-NotebookPanel .jp-Cell >> nth=1")
 
             run_cell(page, 2)
+            failed_start = page.locator(".jp-NotebookPanel .jp-Cell").nth(2)
+            failed_start.locator("text=is greater than the derived max_model_len").wait_for(timeout=300_000)
+            snap(page, "5-magic-start-failed")
+            assert failed_start.locator(".widget-hprogress").count() == 1, "a progress bar, not an empty box"
+            assert "loading broken" in failed_start.inner_text()
+            assert "Traceback" not in failed_start.inner_text()
+
+            run_cell(page, 3)
             page.wait_for_selector("text=Not connected to Ray", timeout=60_000)
-            snap(page, "5-shut-down")
+            shutdown = page.locator(".jp-NotebookPanel .jp-Cell").nth(3)
+            shutdown.locator("text=Disconnected from the Ray cluster").wait_for(timeout=30_000)
+            snap(page, "6-shut-down")
+            assert "raylet" not in shutdown.inner_text(), "shutdown() prints no Ray noise"
             assert page.locator(".widget-button:has-text('Send')").is_disabled()
             assert not page.locator(".widget-button:has-text('Launch')").is_disabled()
         finally:

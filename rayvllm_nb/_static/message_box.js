@@ -14,6 +14,8 @@ function render({ model, el }) {
     model.save_changes();
   });
   box.addEventListener("keydown", (event) => {
+    // Keys typed here are the box's: JupyterLab must not take Shift+Enter (run cell) or any other.
+    event.stopPropagation();
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       model.set("value", box.value);
