@@ -21,6 +21,7 @@ from rayvllm_nb.api import (
     endpoint,
     init,
     logs,
+    metrics,
     model_status,
     panel,
     ray_backend,
@@ -42,7 +43,7 @@ from rayvllm_nb.errors import (
     ReadinessTimeout,
 )
 from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, make_tiny_model
-from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress, ShutdownReport, Status
+from rayvllm_nb.types import ClusterInfo, ModelMetrics, ModelStatus, Progress, ReplicaMetrics, ShutdownReport, Status
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -67,12 +68,14 @@ __all__ = [
     "ConfigError",
     "DeploymentError",
     "ModelConfig",
+    "ModelMetrics",
     "ModelStatus",
     "NotDeployedError",
     "Progress",
     "RayBackend",
     "RayVllmError",
     "ReadinessTimeout",
+    "ReplicaMetrics",
     "ShutdownReport",
     "Status",
     "async_client",
@@ -84,6 +87,7 @@ __all__ = [
     "load_config",
     "logs",
     "make_tiny_model",
+    "metrics",
     "model_status",
     "panel",
     "ray_backend",

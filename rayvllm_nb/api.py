@@ -36,6 +36,7 @@ logs = blocking(ray_backend.get_logs)
 shutdown = blocking(ray_backend.shutdown)
 model_status = blocking(ray_backend.model_status)
 endpoint = blocking(ray_backend.endpoint)
+metrics = blocking(ray_backend.get_metrics)
 
 
 def bench(

@@ -26,6 +26,7 @@ from rayvllm_nb._internal import cluster as _cluster
 from rayvllm_nb._internal import logs as _logs
 from rayvllm_nb._internal import processes, ray_api, registry
 from rayvllm_nb._internal.clients import Endpoint
+from rayvllm_nb._internal.metrics import MetricsReader
 from rayvllm_nb._internal.net import bind_error
 from rayvllm_nb._internal.readiness import ReadinessWatcher
 from rayvllm_nb.config import ModelConfig, _looks_like_path, load_config
@@ -33,7 +34,7 @@ from rayvllm_nb.engines import get_engine
 from rayvllm_nb.errors import ConfigError, DeploymentError, NotDeployedError, ReadinessTimeout
 from rayvllm_nb.placement import PlacementPlan, plan_placement
 from rayvllm_nb.tiny_model import TINY_MODEL_REF
-from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress, ReplicaInfo, ShutdownReport, Status
+from rayvllm_nb.types import ClusterInfo, ModelMetrics, ModelStatus, Progress, ReplicaInfo, ShutdownReport, Status
 
 _POLL_SECONDS = 0.2
 SERVE_PORT_ENV = "RAYVLLM_NB_SERVE_PORT"
@@ -49,6 +50,7 @@ class RayBackend:
     def __init__(self) -> None:
         self._cluster: ClusterInfo | None = None
         self._serve_started_here = False
+        self._metrics = MetricsReader()
         self._started_here: set[str] = set()
         self._connect_lock = threading.Lock()
 
@@ -258,6 +260,13 @@ class RayBackend:
         """Status of the model ``name`` (the only deployed one when None)."""
         record = await self._record(name)
         return await asyncio.to_thread(lambda: _status_of(record, ray_api.serve_details()))
+
+    async def get_metrics(self, name: str | None = None) -> ModelMetrics:
+        """What the model ``name`` (the only one when None) is doing now: requests running and
+        waiting, KV cache use, tokens, tok/s, TTFT and ITL medians, preemptions; totals and per
+        replica, from vLLM's own counters (exact at the moment of reading; see ``_internal/metrics``)."""
+        record = await self._record(name)
+        return await asyncio.to_thread(self._metrics.read, record.name)
 
     async def endpoint(self, name: str | None = None) -> Endpoint:
         """Where ``name`` answers and the API key it requires: what OpenAI clients need."""

@@ -212,3 +212,88 @@ class ShutdownReport:
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(str(self))
+
+
+@dataclass(frozen=True)
+class ReplicaMetrics:
+    """What one engine replica is doing, read from vLLM's own counters at one moment."""
+
+    replica_id: str
+    requests_running: int
+    requests_waiting: int
+    kv_cache_usage: float
+    """The share of the KV cache in use, 0 to 1."""
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    generation_tok_s: float
+    """Generated tokens per second over the last few seconds (up to 10)."""
+    ttft_p50_ms: float
+    """Median time to first token over every request the replica served."""
+    itl_p50_ms: float
+    """Median time between output tokens over every request the replica served."""
+    preemptions_total: int
+
+
+_METRIC_COLUMNS = ("requests_running", "requests_waiting", "kv_cache_usage", "prompt_tokens_total",
+                   "generation_tokens_total", "generation_tok_s", "ttft_p50_ms", "itl_p50_ms", "preemptions_total")
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """A model's live metrics: totals over its replicas (``kv_cache_usage`` is their mean, the
+    latency medians the replicas' mean), and ``replicas``, each one's own."""
+
+    name: str
+    requests_running: int
+    requests_waiting: int
+    kv_cache_usage: float
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    generation_tok_s: float
+    ttft_p50_ms: float
+    itl_p50_ms: float
+    preemptions_total: int
+    replicas: tuple[ReplicaMetrics, ...]
+
+    @classmethod
+    def of(cls, name: str, replicas: list[ReplicaMetrics]) -> ModelMetrics:
+        """Totals of ``replicas`` (zeros when there are none yet)."""
+        count = max(len(replicas), 1)
+
+        def total(field_name: str) -> Any:
+            return sum(getattr(replica, field_name) for replica in replicas)
+
+        return cls(
+            name=name, requests_running=total("requests_running"), requests_waiting=total("requests_waiting"),
+            kv_cache_usage=total("kv_cache_usage") / count, prompt_tokens_total=total("prompt_tokens_total"),
+            generation_tokens_total=total("generation_tokens_total"), generation_tok_s=total("generation_tok_s"),
+            ttft_p50_ms=total("ttft_p50_ms") / count, itl_p50_ms=total("itl_p50_ms") / count,
+            preemptions_total=total("preemptions_total"), replicas=tuple(replicas),
+        )
+
+    def to_frame(self) -> Any:
+        """One row per replica and a ``total`` row, as a pandas DataFrame."""
+        import pandas as pd
+
+        rows = {replica.replica_id: {c: getattr(replica, c) for c in _METRIC_COLUMNS} for replica in self.replicas}
+        rows["total"] = {c: getattr(self, c) for c in _METRIC_COLUMNS}
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+    def __str__(self) -> str:
+        return (f"{self.name}: {self.requests_running} running, {self.requests_waiting} waiting, KV cache "
+                f"{self.kv_cache_usage:.0%}, {self.generation_tok_s:.0f} tok/s, TTFT p50 {self.ttft_p50_ms:.0f} ms, "
+                f"ITL p50 {self.itl_p50_ms:.1f} ms, tokens {self.prompt_tokens_total} in / "
+                f"{self.generation_tokens_total} out, {self.preemptions_total} preemptions, "
+                f"{len(self.replicas)} replica(s)")
+
+    def _repr_html_(self) -> str:
+        header = "".join(f"<th style='{_CELL};text-align:left'>{c}</th>" for c in ("replica", *_METRIC_COLUMNS))
+        rows = []
+        for label, source in [*((r.replica_id, r) for r in self.replicas), ("total", self)]:
+            cells = [html.escape(label), *(_shown(getattr(source, c)) for c in _METRIC_COLUMNS)]
+            rows.append("<tr>" + "".join(f"<td style='{_CELL}'>{cell}</td>" for cell in cells) + "</tr>")
+        return f"<p><b>{html.escape(self.name)}</b></p><table><tr>{header}</tr>{''.join(rows)}</table>"
+
+
+def _shown(value: float) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)

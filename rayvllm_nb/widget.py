@@ -1,6 +1,6 @@
-"""An ipywidgets panel to launch a model, watch it load, chat with it and stop it.
+"""An ipywidgets panel to launch a model, watch it load and work, chat with it and stop it.
 
-Three areas (launch, status, chat) are plain widget boxes; :class:`Panel` wires them to the
+Three areas (launch, status with a live metrics strip, chat) are plain widget boxes; :class:`Panel` wires them to the
 backend. The panel is true to the backend: a watcher follows what runs (models started or
 stopped by a magic, the CLI, another process; a cluster that went away) and the buttons follow
 it. Creating the panel makes no Ray call and only Launch ever starts a cluster. Every action
@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import html
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
@@ -32,12 +33,14 @@ from rayvllm_nb.backend import RayBackend
 from rayvllm_nb.config import available_configs, load_config, resolve_start_target
 from rayvllm_nb.errors import ConfigError, RayVllmError
 from rayvllm_nb.placement import resolve_device
-from rayvllm_nb.types import ModelStatus, Progress, Status
+from rayvllm_nb.types import ModelMetrics, ModelStatus, Progress, Status
 
 _WATCH_S = 2.0
 _DISPLAY_INTERVAL_S = 0.05
 _WIDE = {"description_width": "initial"}
 _MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
+_SPARK = "▁▂▃▄▅▆▇█"
+_SPARK_POINTS = 30
 _BOTTOM_FIRST = "display:flex;flex-direction:column-reverse;overflow:auto"
 """A scroll box that shows its end (the newest line) without scrolling."""
 
@@ -96,13 +99,32 @@ class LaunchArea(widgets.VBox):
 
 
 class StatusArea(widgets.VBox):
-    """The cluster's models (a table) and the shown model's newest log lines."""
+    """The cluster's models (a table), the shown model's live metrics strip and newest log lines."""
 
     def __init__(self) -> None:
         self.status = widgets.HTML("", layout=widgets.Layout(min_height="80px"))
+        self.live = widgets.HTML("")
         self.log_tail = widgets.HTML("")
+        self._rates: deque[float] = deque(maxlen=_SPARK_POINTS)
         self.show_logs([])
-        super().__init__([widgets.HTML("<b>Status</b>"), self.status, self.log_tail])
+        super().__init__([widgets.HTML("<b>Status</b>"), self.status, self.live, self.log_tail])
+
+    def show_metrics(self, metrics: ModelMetrics | None) -> None:
+        """The live strip: KV-cache gauge, requests running and waiting, tok/s with its recent history."""
+        if metrics is None:
+            self._rates.clear()
+            self.live.value = ""
+            return
+        self._rates.append(metrics.generation_tok_s)
+        usage = min(max(metrics.kv_cache_usage, 0.0), 1.0)
+        gauge = (f"<span style='display:inline-block;width:80px;height:10px;background:#eee;vertical-align:middle'>"
+                 f"<span style='display:block;height:10px;width:{usage * 100:.0f}%;background:#4a90d9'></span></span>")
+        self.live.value = (
+            f"<span data-live='{html.escape(metrics.name)}'>KV cache {gauge} {usage:.0%} · "
+            f"running {metrics.requests_running} · waiting {metrics.requests_waiting} · "
+            f"{metrics.generation_tok_s:.0f} tok/s <span style='font-family:monospace'>{_sparkline(self._rates)}</span>"
+            f" · TTFT p50 {metrics.ttft_p50_ms:.0f} ms</span>"
+        )
 
     def show_logs(self, lines: list[str]) -> None:
         """The log tail, newest line at the bottom and in view."""
@@ -233,6 +255,7 @@ class Panel(widgets.VBox):
                 self.progress.value = "Not connected to Ray (shut down): Launch connects again."
                 self.cluster.value = ""
                 self._set_model_choice((), None)
+                self.status_area.show_metrics(None)
                 self._set_buttons()
             return
         self._connected = True
@@ -258,6 +281,9 @@ class Panel(widgets.VBox):
             if not self._failure_shown:
                 self.progress.value = _status_line(shown)
             self._set_model_choice(tuple(names), self._model)
+            self.status_area.show_metrics(await self._backend.get_metrics(self._model) if shown.ready else None)
+        else:
+            self.status_area.show_metrics(None)
         self._set_buttons()
 
     def _show_status(self, status: Status) -> None:
@@ -505,6 +531,14 @@ class Panel(widgets.VBox):
             self.progress.value = _failed(f"{type(error).__name__}: {error}")
             self._set_buttons()
             return None
+
+
+def _sparkline(values: deque[float]) -> str:
+    """Recent values as a line of block characters, scaled to their maximum."""
+    top = max(values, default=0.0)
+    if top <= 0:
+        return _SPARK[0] * len(values)
+    return "".join(_SPARK[min(int(value / top * (len(_SPARK) - 1)), len(_SPARK) - 1)] for value in values)
 
 
 def _failed(why: str) -> str:

@@ -133,6 +133,9 @@ def test_start_chat_logs_stop(ip: InteractiveShell, cluster: ClusterInfo) -> Non
 
         html = ip.run_line_magic("rayvllm", "status")._repr_html_()
         assert "<table>" in html and "nb-tiny" in html and "RUNNING" in html
+        metrics = ip.run_line_magic("rayvllm", "metrics nb-tiny")
+        assert metrics.name == "nb-tiny" and metrics.generation_tokens_total > 0, metrics
+        assert "generation_tok_s" in metrics._repr_html_()
     finally:
         with capture_output() as stopped:
             ip.run_line_magic("rayvllm", "stop nb-tiny")

@@ -115,6 +115,9 @@ def test_a_model_started_elsewhere_is_followed_picked_and_chatted_with(shared_ti
     assert "context " in panel.chat_area.context.value and "/ 2048 tokens" in panel.chat_area.context.value
     assert panel.message.value == "" and panel.stop_generating.disabled and not panel.regenerate.disabled
 
+    eventually(lambda: f"data-live='{shared_tiny.name}'" in panel.status_area.live.value)
+    assert "KV cache" in panel.status_area.live.value and " tok/s " in panel.status_area.live.value
+
     panel.regenerate.click()
     panel.wait(120)
     assert len(panel.conversation.turns) == 2 and panel.conversation.turns[-1]["content"] == TINY_MODEL_REPLY

@@ -145,7 +145,9 @@ def test_a_user_walks_the_panel_in_jupyterlab(jupyterlab: str) -> None:
             answer = page.wait_for_selector(f"[data-role='assistant'] p:has-text('{TINY_MODEL_REPLY[:20]}')",
                                             timeout=120_000)
             page.wait_for_selector("text=tok/s", timeout=30_000)
-            snap(page, "3-answer")
+            page.wait_for_selector("[data-live='tiny']", timeout=30_000)
+            snap(page, "3-answer-and-live-metrics")
+            assert "KV cache" in page.inner_text("[data-live='tiny']")
             assert answer.inner_text().strip() == TINY_MODEL_REPLY, "the answer is rendered as Markdown (a <p>)"
             assert box.input_value() == "", "a sent message leaves the box"
 

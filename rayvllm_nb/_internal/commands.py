@@ -227,6 +227,18 @@ def run_chat(args: argparse.Namespace, ui: Ui) -> Answer:
     return Answer(model.name, result)
 
 
+def _run_metrics(args: argparse.Namespace, ui: Ui) -> object:
+    connect(args, ui)
+    return api.metrics(args.name)
+
+
+def _run_top(args: argparse.Namespace, ui: Ui) -> None:
+    from rayvllm_nb._internal.top import run_top
+
+    connect(args, ui)
+    run_top()
+
+
 def _define_init(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="host:port or ray://host:10001 (default: this machine's cluster, "
                                           "or a new local one)")
@@ -330,6 +342,10 @@ COMMANDS: tuple[Command, ...] = (
             ("", "tiny -n 20")),
     Command("stop", "stop a model (the only one when NAME is omitted)", _define_stop, _run_stop,
             ("", "tiny", "--all --cluster")),
+    Command("metrics", "what a model's engine is doing now: requests, KV cache, tok/s, TTFT, ITL, tokens",
+            _define_name, _run_metrics, ("", "tiny")),
+    Command("top", "every model's metrics, live, refreshed each second (q quits)", _define_nothing, _run_top,
+            ("",), surfaces=_CLI),
     Command("chat", "send one message and stream the answer", _define_chat, run_chat,
             ("'Say hello.'", "'Hi' --model tiny --max-tokens 32"), surfaces=_CLI),
     Command("panel", "the launch-and-chat panel", _define_nothing, _run_panel, ("",), surfaces=_MAGIC),

@@ -63,6 +63,8 @@ class ReplicaRecord:
     kv_cache_choice: str
     cpu_placement: str = ""
     """Where its CPU engine's processes were pinned (empty on GPU or when pinning is off)."""
+    metrics_port: int = 0
+    """The loopback port on its node where it serves its Prometheus registry (vLLM's metrics)."""
     ended: str = ""
     """"" while running; "stopped" (by Serve: stop, replace, scale-down) or "crashed"."""
     cause: str = ""

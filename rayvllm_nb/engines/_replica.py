@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import psutil
 import ray
 from fastapi import FastAPI
@@ -79,9 +80,12 @@ class VllmServer(LLMServer):
         self._crash_recorder: asyncio.Task[None] | None = None
         await super().__init__(llm_config, **kwargs)
         pinned = await asyncio.to_thread(_pin_cpu_processes) if os.environ.get(CPU_PINNING_ENV) else ""
-        await asyncio.to_thread(self._register, pinned)
+        # vLLM's metrics (its Prometheus registry in this process), for rayvllm_nb.metrics(): on
+        # loopback, read by the driver or a task on this node (see _internal/metrics).
+        self._metrics_server, _ = prometheus_client.start_http_server(0, addr="127.0.0.1")
+        await asyncio.to_thread(self._register, pinned, self._metrics_server.server_port)
 
-    def _register(self, cpu_placement: str) -> None:
+    def _register(self, cpu_placement: str, metrics_port: int) -> None:
         import vllm
 
         kv_bytes, kv_choice = self._kv_cache
@@ -89,7 +93,7 @@ class VllmServer(LLMServer):
             replica_id=self._replica_id, actor_id=ray.get_runtime_context().get_actor_id() or "",
             node_ip=ray.util.get_node_ip_address(), pid=os.getpid(), started_at=time.time(),
             vllm_version=vllm.__version__, kv_cache_bytes=kv_bytes, kv_cache_choice=kv_choice,
-            cpu_placement=cpu_placement,
+            cpu_placement=cpu_placement, metrics_port=metrics_port,
         ))
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
@@ -150,6 +154,8 @@ class VllmServer(LLMServer):
     async def __del__(self) -> None:
         """Serve stops this replica (stop, replace, scale-down, or after a failed health check)."""
         await asyncio.to_thread(registry.end_replica, self._model_name, self._replica_id, "stopped")
+        if getattr(self, "_metrics_server", None) is not None:
+            self._metrics_server.shutdown()
         await super().__del__()
 
 

@@ -57,6 +57,9 @@ class ServeLLMEngine(Engine):
                 # Stop, replace and scale-down let running requests finish, up to this long.
                 "graceful_shutdown_timeout_s": config.drain_timeout_s,
             },
+            # vLLM's own Prometheus logger (not Ray's wrapper of it, which writes to Ray's metrics
+            # agent, off on our heads): exact counts, read per replica by rayvllm_nb.metrics().
+            log_engine_metrics=False,
             server_cls=_replica.VllmServer,
             callback_config={"callback_class": _replica.ReplicaCallback},
         )
