@@ -192,6 +192,8 @@ class Panel(widgets.VBox):
         self._clients: dict[str, openai.AsyncOpenAI] = {}
         self._setting_model = False
         self._failure_shown = False
+        # Show a running model by itself; off once the shown one stopped (the user picks or launches next).
+        self._adopt = True
         self.conversation = Conversation()
 
         self.launch_area, self.status_area, self.chat_area = LaunchArea(), StatusArea(), ChatArea()
@@ -273,8 +275,8 @@ class Panel(widgets.VBox):
         names = [model.name for model in status.models]
         if self._model is not None and self._model not in names:
             self.progress.value = f"{html.escape(self._model)} stopped."
-            self._model = None
-        if self._model is None and names:
+            self._model, self._adopt = None, False
+        if self._model is None and names and self._adopt:
             self._model = names[0] if len(names) == 1 or self.model.value not in names else self.model.value
         if self._model is not None:
             shown = next(model for model in status.models if model.name == self._model)
@@ -429,7 +431,7 @@ class Panel(widgets.VBox):
     async def _stop(self) -> None:
         if self._model is None:
             return
-        name, self._model = self._model, None
+        name, self._model, self._adopt = self._model, None, False
         self._failure_shown = False
         self._set_buttons()
         self.progress.value = f"Stopping {html.escape(name)}..."
