@@ -194,6 +194,7 @@ class Panel(widgets.VBox):
         self._failure_shown = False
         # Show a running model by itself; off once the shown one stopped (the user picks or launches next).
         self._adopt = True
+        self._line_shown = ""
         self.conversation = Conversation()
 
         self.launch_area, self.status_area, self.chat_area = LaunchArea(), StatusArea(), ChatArea()
@@ -280,8 +281,12 @@ class Panel(widgets.VBox):
             self._model = names[0] if len(names) == 1 or self.model.value not in names else self.model.value
         if self._model is not None:
             shown = next(model for model in status.models if model.name == self._model)
+            line = _status_line(shown)
+            if line != self._line_shown:  # a model newly shown, or its state changed: its newest log lines too
+                self._line_shown = line
+                self.status_area.show_logs(await self._backend.get_logs(self._model, tail=40))
             if not self._failure_shown:
-                self.progress.value = _status_line(shown)
+                self.progress.value = line
             self._set_model_choice(tuple(names), self._model)
             self.status_area.show_metrics(await self._backend.get_metrics(self._model) if shown.ready else None)
         else:

@@ -13,7 +13,7 @@ import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
 from rayvllm_nb.errors import ConfigError, DeploymentError
 from rayvllm_nb.tiny_model import tiny_model_path
-from rayvllm_nb.types import ClusterInfo
+from rayvllm_nb.types import ClusterInfo, ModelStatus
 from tests.conftest import leftovers, model_processes, serve_port
 
 pytestmark = pytest.mark.slow
@@ -32,9 +32,17 @@ def _answer(name: str) -> str:
 
 
 def test_three_start_stop_cycles_leave_no_groups_actors_or_engines(cluster: ClusterInfo) -> None:
-    """(Replacing a running model is tested with a request streaming through it: tests/test_faults.py.)"""
+    """The first cycle starts the seed's plain dict (a local model folder, tensor parallelism 1, a
+    port, and a name): vLLM's default KV cache (90 % of the node's memory) would not start here, so
+    the replica sizes it to its node and status says what it chose. (Replacing a running model is
+    tested with a request streaming through it: tests/test_faults.py.)"""
     for cycle in range(3):
-        status = rayvllm_nb.start("tiny-cpu", wait_ready=True, timeout=600)
+        if cycle == 0:
+            seed = {"model": str(tiny_model_path()), "tensor_parallel_size": 1, "port": serve_port()}
+            status = rayvllm_nb.start({**seed, "served_model_name": "tiny"}, wait_ready=True, timeout=600)
+            _sized_its_kv_cache_to_the_node(status)
+        else:
+            status = rayvllm_nb.start("tiny-cpu", wait_ready=True, timeout=600)
         assert _answer("tiny") == TINY_MODEL_REPLY
         if cycle == 1:
             _refuses_conflicts_with_a_running_model()
@@ -44,6 +52,14 @@ def test_three_start_stop_cycles_leave_no_groups_actors_or_engines(cluster: Clus
         while _engine_processes() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert _engine_processes() == [], f"cycle {cycle}"
+
+
+def _sized_its_kv_cache_to_the_node(status: ModelStatus) -> None:
+    [replica] = status.replicas
+    # The tiny Llama's KV cache: 2 layers x 1 KV head x 64 dims x (K, V) x 2 bytes = 512 B per token.
+    assert replica.kv_cache_gib == pytest.approx(512 * 2048 * 256 / 2**30)
+    assert replica.kv_cache_choice.startswith("auto: 0.25 GiB per rank (what 256 sequences of 2048 tokens need")
+    assert "kv_cache=auto: 0.25 GiB" in str(rayvllm_nb.status())
 
 
 def _refuses_conflicts_with_a_running_model() -> None:

@@ -197,6 +197,7 @@ def test_a_killed_engine_fails_requests_fast_then_the_model_comes_back(faulty: M
     while not shown[-1].startswith(f"{NAME} ready at ") and time.monotonic() < deadline:
         time.sleep(0.2)
     stop_reading.set()
+    panel.close()
     restarting = [line for line in shown if line.startswith(f"{NAME}: RESTARTING (restarts: 1): ")]
     assert restarting and "EngineCore was killed (SIGKILL)" in restarting[-1], shown
     assert shown[-1].startswith(f"{NAME} ready at ") and shown[-1].endswith("(restarts: 1)"), shown
