@@ -31,8 +31,9 @@ def main() -> None:
     head = next(record for record in processes.recorded_heads() if record.address == cluster.address)
     meter = CpuMeter(lambda: processes.session_processes(head.session_id))
     status = rayvllm_nb.start("tiny-cpu", [f"served_model_name={NAME}"], wait_ready=True)
+    root = status.base_url.removesuffix("/v1")
     try:
-        run_load_in_subprocess(status.base_url, NAME, count=16, input_words=32, seed=1, concurrency=4, output_len=64)
+        run_load_in_subprocess(root, NAME, count=16, input_words=32, seed=1, concurrency=4, output_len=64)
         per_1k: dict[str, list[float]] = {"without": [], "with panel": []}
         order = ["without", "with panel", "with panel", "without"]
         for index in range(2 * args.rounds):
@@ -43,13 +44,15 @@ def main() -> None:
                 time.sleep(3)  # the watcher is reading status and metrics every 2 s
             meter.start()
             summary, _ = run_load_in_subprocess(
-                status.base_url, NAME, count=args.requests_per_stream * args.concurrency, input_words=32,
+                root, NAME, count=args.requests_per_stream * args.concurrency, input_words=32,
                 seed=100 + index, concurrency=args.concurrency, output_len=64,
             )
             cpu = meter.stop()
             if panel is not None:
                 assert "data-live" in panel.status_area.live.value, "the panel's live strip never showed"
                 panel.close()
+            if summary["errors"]:
+                raise SystemExit(f"the load failed: {summary}")
             value = cpu.serving_s / (int(summary["output_tokens"] or 0) / 1000)
             per_1k[side].append(value)
             print(f"{index + 1:2d} {side:10s} serving CPU {value:.3f} s per 1k tokens, "
