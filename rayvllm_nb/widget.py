@@ -36,6 +36,7 @@ from rayvllm_nb.placement import resolve_device
 from rayvllm_nb.types import ModelMetrics, ModelStatus, Progress, Status
 
 _WATCH_S = 2.0
+_FULL_LOOK_EVERY = 3
 _DISPLAY_INTERVAL_S = 0.05
 _WIDE = {"description_width": "initial"}
 _MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
@@ -244,11 +245,28 @@ class Panel(widgets.VBox):
     # -- following the backend -------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        """Every few seconds: what runs, shown as it is. Asks Ray only once this process is connected."""
+        """Every 2 s the shown model's live metrics, every 6 s the whole state (what runs, shown as it
+        is): the status read costs the cluster more than the metrics read costs the replica. Asks Ray
+        only once this process is connected."""
+        looks = 0
         while True:
             with contextlib.suppress(Exception):  # a failed look is retried; the next one shows the state
-                await self._look()
+                if looks % _FULL_LOOK_EVERY == 0 or not await self._glance():
+                    await self._look()
+            looks += 1
             await asyncio.sleep(_WATCH_S)
+
+    async def _glance(self) -> bool:
+        """Only the shown model's metrics; False when that is not enough (no model shown, it went)."""
+        if self._backend.cluster is None or self._model is None or not self._line_shown.startswith(
+            f"{html.escape(self._model)} ready at "
+        ):
+            return False
+        try:
+            self.status_area.show_metrics(await self._backend.get_metrics(self._model))
+        except RayVllmError:
+            return False
+        return True
 
     async def _look(self) -> None:
         launching = self._launch_future is not None and not self._launch_future.done()
