@@ -65,6 +65,22 @@ def test_preview_follows_the_selected_config_and_shows_every_line(panel: Panel) 
     assert "builtin:tiny" in panel.preview.value
 
 
+def test_a_launch_refused_before_connecting_ends_with_the_reason_under_launch(panel: Panel) -> None:
+    panel.model_override.value = "/no/such/model"
+    panel.launch.click()
+    panel.wait(30)
+    assert panel.progress.value.startswith("<span style='color:#b00'>✘ ConfigError: "), panel.progress.value
+    assert "/no/such/model" in panel.progress.value and "is not a config name" in panel.progress.value
+    assert not panel.launch.disabled and panel.stop.disabled
+
+
+def test_labels_fit_and_a_disabled_stop_does_not_look_pressable(panel: Panel) -> None:
+    assert panel.stop.disabled and panel.stop.button_style == ""
+    assert panel.temperature.style.description_width == "initial"
+    assert panel.max_tokens.style.description_width == "initial"
+    assert panel.max_model_len.placeholder == "from config"
+
+
 def test_answers_render_as_markdown_and_turns_are_told_apart_without_raw_html() -> None:
     chat = ChatArea()
     chat.show_turns([{"role": "user", "content": "Show **code**\n<script>x</script>"},
