@@ -318,7 +318,7 @@ class RayBackend:
             finally:
                 # The cluster this process started goes, whatever happened above.
                 started_here = cluster is not None and cluster.mode == "started-local"
-                if started_here:
+                if cluster is not None and started_here:
                     _cluster.stop_started_heads(cluster.address)
         return ShutdownReport(stopped, serve_stopped, cluster.address if cluster else None, started_here)
 
