@@ -7,7 +7,7 @@ and ``ModelStatus`` render as text (``str``) and as HTML tables in a notebook.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from rayvllm_nb._internal.net import address_host
@@ -215,10 +215,9 @@ class ShutdownReport:
 
 
 @dataclass(frozen=True)
-class ReplicaMetrics:
-    """What one engine replica is doing, read from vLLM's own counters at one moment."""
+class EngineFigures:
+    """What an engine is doing, read from vLLM's own counters at one moment."""
 
-    replica_id: str
     requests_running: int
     requests_waiting: int
     kv_cache_usage: float
@@ -228,31 +227,28 @@ class ReplicaMetrics:
     generation_tok_s: float
     """Generated tokens per second over the last few seconds (up to 10)."""
     ttft_p50_ms: float
-    """Median time to first token over every request the replica served."""
+    """Median time to first token over every request served."""
     itl_p50_ms: float
-    """Median time between output tokens over every request the replica served."""
+    """Median time between output tokens over every request served."""
     preemptions_total: int
 
 
-_METRIC_COLUMNS = ("requests_running", "requests_waiting", "kv_cache_usage", "prompt_tokens_total",
-                   "generation_tokens_total", "generation_tok_s", "ttft_p50_ms", "itl_p50_ms", "preemptions_total")
+_METRIC_COLUMNS = tuple(figure.name for figure in fields(EngineFigures))
 
 
 @dataclass(frozen=True)
-class ModelMetrics:
+class ReplicaMetrics(EngineFigures):
+    """One engine replica's figures."""
+
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class ModelMetrics(EngineFigures):
     """A model's live metrics: totals over its replicas (``kv_cache_usage`` is their mean, the
     latency medians the replicas' mean), and ``replicas``, each one's own."""
 
     name: str
-    requests_running: int
-    requests_waiting: int
-    kv_cache_usage: float
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    generation_tok_s: float
-    ttft_p50_ms: float
-    itl_p50_ms: float
-    preemptions_total: int
     replicas: tuple[ReplicaMetrics, ...]
 
     @classmethod
