@@ -187,6 +187,7 @@ class Panel(widgets.VBox):
         self._model: str | None = None
         self._connected = False
         self._launch_future: Future[Any] | None = None
+        self._launching = False
         self._launch_task: asyncio.Future[None] | None = None
         self._stop_future: Future[Any] | None = None
         self._chat_future: Future[Any] | None = None
@@ -269,7 +270,7 @@ class Panel(widgets.VBox):
         return True
 
     async def _look(self) -> None:
-        launching = self._launch_future is not None and not self._launch_future.done()
+        launching = self._launching
         if self._backend.cluster is None:
             if self._connected or self._model is not None:
                 self._connected, self._model = False, None
@@ -361,15 +362,20 @@ class Panel(widgets.VBox):
             self.tensor_parallel.value = min(load_config(path).tensor_parallel_size, self.tensor_parallel.max)
 
     def _start_launch(self) -> None:
+        self._launching = True
         self._launch_future = self._submit(self._cancellable_launch())
-        self._launch_future.add_done_callback(lambda _: self._set_buttons())
         self._set_buttons()
 
     async def _cancellable_launch(self) -> None:
-        """The launch as a task Stop can cancel; done once its cancellation has been cleaned up."""
+        """The launch as a task Stop can cancel; done once its cancellation has been cleaned up (and
+        the buttons say so: Launch is back before anyone waiting on the launch wakes)."""
         self._launch_task = asyncio.ensure_future(self._launch())
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._launch_task
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._launch_task
+        finally:
+            self._launching = False
+            self._set_buttons()
 
     async def _launch(self) -> None:
         started = time.monotonic()
@@ -445,7 +451,7 @@ class Panel(widgets.VBox):
                 self.status_area.show_logs(await self._backend.get_logs(name, tail=40))
 
     def _start_stop(self) -> None:
-        if self._launch_future is not None and not self._launch_future.done() and self._launch_task is not None:
+        if self._launching and self._launch_task is not None:
             self.progress.value = "Cancelling the launch..."
             BRIDGE.loop.call_soon_threadsafe(self._launch_task.cancel)
             return
@@ -467,7 +473,7 @@ class Panel(widgets.VBox):
     def _set_buttons(self) -> None:
         """Enable what makes sense: Launch when nothing loads; Stop for the shown model or a launch;
         Send and Regenerate for a running model when no answer is streaming."""
-        launching = self._launch_future is not None and not self._launch_future.done()
+        launching = self._launching
         chatting = self._chat_future is not None and not self._chat_future.done()
         serving = self._model is not None and self._connected
         self.launch.disabled = launching

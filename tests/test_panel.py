@@ -15,6 +15,7 @@ import pytest
 
 import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY, ModelStatus
+from rayvllm_nb.backend import RayBackend
 from rayvllm_nb.errors import ConfigError
 from rayvllm_nb.types import ClusterInfo
 from rayvllm_nb.widget import ChatArea, LaunchArea, Panel
@@ -42,6 +43,15 @@ def panel() -> Iterator[Panel]:
     shown.close()
 
 
+@pytest.fixture
+def unconnected_panel() -> Iterator[Panel]:
+    """A panel over a backend of its own that is not connected (whatever this process is connected
+    to, models running elsewhere do not show up in it)."""
+    shown = Panel(RayBackend())
+    yield shown
+    shown.close()
+
+
 def eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
     """Wait for what the panel's watcher shows (it looks every 2 s)."""
     deadline = time.monotonic() + timeout
@@ -58,7 +68,8 @@ def test_creating_the_panel_makes_no_ray_call_and_returns_at_once() -> None:
     assert result.stdout.startswith("OK ")
 
 
-def test_preview_follows_the_selected_config_and_shows_every_line(panel: Panel) -> None:
+def test_preview_follows_the_selected_config_and_shows_every_line(unconnected_panel: Panel) -> None:
+    panel = unconnected_panel
     panel.config.value = "llama2-7b-tp2-gpu"
     assert "tensor_parallel_size: 2" in panel.preview.value
     assert panel.preview.rows > panel.preview.value.rstrip().count("\n")
@@ -66,7 +77,8 @@ def test_preview_follows_the_selected_config_and_shows_every_line(panel: Panel) 
     assert "builtin:tiny" in panel.preview.value
 
 
-def test_a_launch_refused_before_connecting_ends_with_the_reason_under_launch(panel: Panel) -> None:
+def test_a_launch_refused_before_connecting_ends_with_the_reason_under_launch(unconnected_panel: Panel) -> None:
+    panel = unconnected_panel
     panel.model_override.value = "/no/such/model"
     panel.launch.click()
     panel.wait(30)
@@ -75,7 +87,8 @@ def test_a_launch_refused_before_connecting_ends_with_the_reason_under_launch(pa
     assert not panel.launch.disabled and panel.stop.disabled
 
 
-def test_labels_fit_and_a_disabled_stop_does_not_look_pressable(panel: Panel) -> None:
+def test_labels_fit_and_a_disabled_stop_does_not_look_pressable(unconnected_panel: Panel) -> None:
+    panel = unconnected_panel
     assert panel.stop.disabled and panel.stop.button_style == ""
     assert panel.temperature.style.description_width == "initial"
     assert panel.max_tokens.style.description_width == "initial"
