@@ -304,9 +304,10 @@ class Panel(widgets.VBox):
             if line != self._line_shown:  # a model newly shown, or its state changed: its newest log lines too
                 self._line_shown = line
                 self.status_area.show_logs(await self._backend.get_logs(self._model, tail=40))
+            self._set_model_choice(tuple(names), self._model)
+            self._set_buttons()
             if not self._failure_shown:
                 self.progress.value = line
-            self._set_model_choice(tuple(names), self._model)
             self.status_area.show_metrics(await self._backend.get_metrics(self._model) if shown.ready else None)
         else:
             self.status_area.show_metrics(None)
@@ -344,12 +345,12 @@ class Panel(widgets.VBox):
         self._show_cluster()
         status = await self._backend.model_status(name)
         self._model = status.name
-        self.progress.value = _status_line(status)
         self._failure_shown = False
         self._show_status(await self._backend.get_status())
         self._set_model_choice(tuple(self.model.options), status.name)
         self.status_area.show_logs(await self._backend.get_logs(name, tail=40))
         self._set_buttons()
+        self._line_shown = self.progress.value = _status_line(status)  # last: the panel is ready to use
 
     # -- launch and stop -------------------------------------------------------------------------
 
