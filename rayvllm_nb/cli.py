@@ -61,10 +61,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with "did you mean" for a mistyped command."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        if "invalid choice: '" in message:
-            word = message.split("invalid choice: '", 1)[1].split("'", 1)[0]
-            message += commands.unknown_command_hint(word, "cli")
-        super().error(message)
+        super().error(commands.with_command_hint(message, "cli"))
 
 
 def _parser() -> argparse.ArgumentParser:

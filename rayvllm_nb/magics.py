@@ -37,10 +37,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting the kernel, with "did you mean" for a command."""
 
     def error(self, message: str) -> NoReturn:
-        if "invalid choice: '" in message:
-            word = message.split("invalid choice: '", 1)[1].split("'", 1)[0]
-            message += commands.unknown_command_hint(word, "magic")
-        raise UsageError(f"{self.prog}: {message}. See `%rayvllm help`.")
+        raise UsageError(f"{self.prog}: {commands.with_command_hint(message, 'magic')}. See `%rayvllm help`.")
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if status == 0:

@@ -37,7 +37,7 @@ def connect(address: str | None, num_cpus: int | None, num_gpus: int | None, sta
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         dashboard = _init(address)
-        return describe("existing-local" if _is_this_machine(address) else "remote", address, dashboard, reclaimed)
+        return describe("existing-local" if is_this_machine(address) else "remote", address, dashboard, reclaimed)
     running = local_head_address()
     if running:
         return describe("existing-local", running, _init(running), reclaimed)
@@ -312,7 +312,7 @@ def _init(address: str) -> str | None:
     """``ray.init`` for a driver that prints nothing into cells; returns the dashboard's URL."""
     import ray
 
-    if _is_this_machine(address):
+    if is_this_machine(address):
         # Ray sends this machine's token only for "auto"; remote heads never get it.
         ray_api.send_local_token()
     try:
@@ -382,6 +382,7 @@ def local_head_address() -> str | None:
     return None
 
 
-def _is_this_machine(address: str) -> bool:
+def is_this_machine(address: str) -> bool:
+    """Whether ``address`` (host, host:port or ray://host:port) is this machine."""
     return address_host(address) in ("127.0.0.1", "localhost", ray_api.node_ip_address())
 

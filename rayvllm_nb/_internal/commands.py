@@ -396,3 +396,11 @@ def unknown_command_hint(word: str, surface: str) -> str:
     names = [name for command in commands(surface) for name in command.names(surface)]
     return did_you_mean(word, names)
 
+
+def with_command_hint(message: str, surface: str) -> str:
+    """argparse's error ``message``, with "did you mean" when it is about a mistyped command."""
+    if "invalid choice: '" not in message:
+        return message
+    word = message.split("invalid choice: '", 1)[1].split("'", 1)[0]
+    return message + unknown_command_hint(word, surface)
+

@@ -95,9 +95,8 @@ class Conversation:
 async def measure_context(endpoint: Endpoint, model: str, messages: list[Message]) -> Context:
     """The prompt's length as the model's own tokenizer and chat template make it (vLLM's /tokenize)."""
     root = endpoint.base_url.removesuffix("/").removesuffix("/v1")
-    headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
     async with httpx.AsyncClient(timeout=30) as http:
-        response = await http.post(f"{root}/tokenize", headers=headers,
+        response = await http.post(f"{root}/tokenize", headers=endpoint.headers,
                                    json={"model": model, "messages": messages, "add_generation_prompt": True})
     response.raise_for_status()
     body = response.json()

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from rayvllm_nb._internal import ray_api, registry
+from rayvllm_nb._internal import registry
+from rayvllm_nb._internal.cluster import is_this_machine
 from rayvllm_nb.types import ModelMetrics, ReplicaMetrics
 
 RATE_WINDOW_S = 10.0
@@ -138,7 +139,7 @@ class MetricsReader:
 
 def _scrape(node_ip: str, port: int) -> str:
     """A replica's Prometheus text: over HTTP when its node is this machine, else from a Ray task there."""
-    if node_ip in ("127.0.0.1", "localhost", ray_api.node_ip_address()):
+    if is_this_machine(node_ip):
         return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=_TIMEOUT_S).text
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
