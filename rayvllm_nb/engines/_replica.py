@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from rayvllm_nb._internal import cpu_placement, kv_cache, logs, ray_api, registry
+from rayvllm_nb._internal import cpu_placement, kv_cache, logs, ray_api, registry, vllm_api
 from rayvllm_nb._internal.replica_env import (
     AUTO_KV_CACHE_ENV,
     CPU_PINNING_ENV,
@@ -78,6 +78,7 @@ class VllmServer(LLMServer):
         llm_config, self._kv_cache = await asyncio.to_thread(_prepare, llm_config)
         self._api_key = await asyncio.to_thread(registry.api_key)
         self._crash_recorder: asyncio.Task[None] | None = None
+        vllm_api.let_the_engine_core_fork_its_workers()
         await super().__init__(llm_config, **kwargs)
         pinned = await asyncio.to_thread(_pin_cpu_processes) if os.environ.get(CPU_PINNING_ENV) else ""
         # vLLM's metrics (its Prometheus registry in this process), for rayvllm_nb.metrics(): on
