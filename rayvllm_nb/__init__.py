@@ -20,6 +20,7 @@ from rayvllm_nb.api import (
     client,
     endpoint,
     init,
+    load_adapter,
     logs,
     metrics,
     model_status,
@@ -30,6 +31,7 @@ from rayvllm_nb.api import (
     start,
     status,
     stop,
+    unload_adapter,
     wait_for_ready,
 )
 from rayvllm_nb.backend import RayBackend
@@ -42,7 +44,7 @@ from rayvllm_nb.errors import (
     RayVllmError,
     ReadinessTimeout,
 )
-from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_MODEL_REPLY, make_tiny_model
+from rayvllm_nb.tiny_model import DEMO_PROMPT, TINY_ADAPTER_REPLY, TINY_MODEL_REPLY, make_tiny_adapter, make_tiny_model
 from rayvllm_nb.types import ClusterInfo, ModelMetrics, ModelStatus, Progress, ReplicaMetrics, ShutdownReport, Status
 
 
@@ -62,6 +64,7 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 __all__ = [
     "DEMO_PROMPT",
+    "TINY_ADAPTER_REPLY",
     "TINY_MODEL_REPLY",
     "ClusterError",
     "ClusterInfo",
@@ -84,8 +87,10 @@ __all__ = [
     "client",
     "endpoint",
     "init",
+    "load_adapter",
     "load_config",
     "logs",
+    "make_tiny_adapter",
     "make_tiny_model",
     "metrics",
     "model_status",
@@ -96,5 +101,6 @@ __all__ = [
     "start",
     "status",
     "stop",
+    "unload_adapter",
     "wait_for_ready",
 ]

@@ -37,6 +37,8 @@ shutdown = blocking(ray_backend.shutdown)
 model_status = blocking(ray_backend.model_status)
 endpoint = blocking(ray_backend.endpoint)
 metrics = blocking(ray_backend.get_metrics)
+load_adapter = blocking(ray_backend.load_adapter)
+unload_adapter = blocking(ray_backend.unload_adapter)
 
 
 def bench(

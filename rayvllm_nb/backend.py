@@ -24,16 +24,17 @@ import httpx
 
 from rayvllm_nb._internal import cluster as _cluster
 from rayvllm_nb._internal import logs as _logs
-from rayvllm_nb._internal import processes, ray_api, registry
+from rayvllm_nb._internal import processes, ray_api, registry, shared_endpoint
 from rayvllm_nb._internal.clients import Endpoint
 from rayvllm_nb._internal.metrics import MetricsReader
 from rayvllm_nb._internal.net import bind_error
 from rayvllm_nb._internal.readiness import ReadinessWatcher
-from rayvllm_nb.config import ModelConfig, _looks_like_path, load_config
+from rayvllm_nb.config import ModelConfig, _looks_like_path, check_adapter_name, load_config
 from rayvllm_nb.engines import get_engine
+from rayvllm_nb.engines._router import build_router_application
 from rayvllm_nb.errors import ConfigError, DeploymentError, NotDeployedError, ReadinessTimeout
 from rayvllm_nb.placement import PlacementPlan, plan_placement
-from rayvllm_nb.tiny_model import TINY_MODEL_REF
+from rayvllm_nb.tiny_model import TINY_ADAPTER_REF, TINY_MODEL_REF
 from rayvllm_nb.types import ClusterInfo, ModelMetrics, ModelStatus, Progress, ReplicaInfo, ShutdownReport, Status
 
 _POLL_SECONDS = 0.2
@@ -110,6 +111,8 @@ class RayBackend:
         model_config = load_config(config, overrides)
         cluster = await self.initialize_ray()
         model_source = _resolve_model_source(model_config.model, cluster.is_local)
+        for adapter, path in model_config.lora_adapters.items():
+            _resolve_adapter_source(adapter, path, cluster.is_local)
         deploying = asyncio.ensure_future(asyncio.to_thread(self._deploy, model_config, model_source, replace))
         try:
             await asyncio.shield(deploying)
@@ -138,26 +141,31 @@ class RayBackend:
                 f"A model named {config.name!r} is already running. Stop it first, pass replace=True "
                 "(`--replace` on the command line), or choose another served_model_name."
             )
-        holder = next(
-            (r for r in running.values() if r.config["route_prefix"] == config.route_prefix and r.name != config.name),
-            None,
-        )
+        prefix = _serve_prefix(config)
+        holder = next((r for r in running.values() if r.route_prefix == prefix and r.name != config.name), None)
         if holder is not None:
             raise ConfigError(
-                f"Route prefix {config.route_prefix!r} is already used by model {holder.name!r}. Give this model "
-                f"its own, e.g. route_prefix=/{_app_name(config.name)}, or stop that one."
+                f"Route prefix {prefix!r} is already used by model {holder.name!r}. Give this model "
+                f"its own, e.g. route_prefix=/{_app_name(config.name)}, leave it unset (the shared endpoint), "
+                "or stop that one."
             )
         http = self._ensure_serve(config)
         if config.name in running:
-            self._delete(running[config.name])
+            self._delete(running[config.name], keep_router=True)
         record = _new_record(config, plan, engine.engine_deployment(config), http, self._cluster)
         registry.put_model(record)
+        for adapter, path in config.lora_adapters.items():
+            registry.put_adapter(config.name, adapter, path)
         try:
             application = engine.build_application(config, model_source, plan)
-            ray_api.deploy_without_waiting(application, record.app_name, config.route_prefix)
+            ray_api.deploy_without_waiting(application, record.app_name, prefix)
+            if shared_endpoint.is_shared(record):
+                _ensure_router()
         except Exception:
             engine.release(config.name)
             registry.forget_model(config.name)
+            if not shared_endpoint.current_routes():
+                _delete_router()
             raise
         self._started_here.add(config.name)
 
@@ -235,6 +243,15 @@ class RayBackend:
                         on_progress(verdict.progress)
                 if verdict.serve_running and await _serves(http, status.base_url, record.name):
                     ready = await self.model_status(record.name)
+                    refused = {name: why for r in ready.replicas for name, why in r.adapters.items() if why}
+                    if refused:
+                        await asyncio.to_thread(self._delete, record)
+                        name, why = next(iter(refused.items()))
+                        raise DeploymentError(
+                            f"Model {record.name!r} started but its adapter {name!r} "
+                            f"({ready.adapters.get(name, '')}) could not be loaded, so the model was removed; vLLM "
+                            f"said: {why}. Fix lora_adapters (PEFT adapter folders of this base model) and retry."
+                        )
                     if on_progress is not None:
                         on_progress(watcher.ready(time.monotonic()))
                     return ready
@@ -269,9 +286,98 @@ class RayBackend:
         return await asyncio.to_thread(self._metrics.read, record.name)
 
     async def endpoint(self, name: str | None = None) -> Endpoint:
-        """Where ``name`` answers and the API key it requires: what OpenAI clients need."""
+        """Where ``name`` answers and the API key it requires: what OpenAI clients need. With no
+        name: the shared endpoint when models serve there (the only model's own otherwise)."""
+        if name is None:
+            await self.initialize_ray(start_local=False)
+            shared = [r for r in await asyncio.to_thread(registry.models) if shared_endpoint.is_shared(r)]
+            if shared:
+                return Endpoint(shared[0].base_url, await asyncio.to_thread(registry.api_key))
         record = await self._record(name)
         return Endpoint(record.base_url, await asyncio.to_thread(registry.api_key))
+
+    async def load_adapter(self, name: str, path: str, model: str | None = None, *, timeout: float = 300.0) -> str:
+        """Serve the LoRA adapter ``name`` (a local PEFT folder or a HF id) with ``model`` (the only
+        model with LoRA on when None), on every replica, those started later included; returns
+        once each running replica serves it. A folder that is missing or does not fit the model is
+        refused with vLLM's reason, and nothing of it stays registered."""
+        record = await self._lora_model(model)
+        cluster = await self.initialize_ray(start_local=False)
+        source = _resolve_adapter_source(name, path, cluster.is_local)
+        owners = await asyncio.to_thread(registry.all_adapters)
+        taken = {r.name for r in await asyncio.to_thread(registry.models)} | {
+            adapter for adapter, owner in owners.items() if owner != record.name
+        }
+        if name in taken:
+            raise ConfigError(
+                f"{name!r} already names a model or another model's adapter on this cluster: choose another "
+                "adapter name (clients pass it as `model`)."
+            )
+        await asyncio.to_thread(registry.put_adapter, record.name, name, source)
+        try:
+            await self._until_replicas(record.name, name, loaded=True, timeout=timeout)
+        except BaseException:
+            await asyncio.to_thread(registry.forget_adapter, record.name, name)
+            raise
+        return name
+
+    async def unload_adapter(self, name: str, model: str | None = None, *, timeout: float = 120.0) -> str:
+        """Stop serving the LoRA adapter ``name`` (of ``model``, else of whichever model serves it);
+        returns once no running replica serves it."""
+        owner = model or (await asyncio.to_thread(registry.all_adapters)).get(name)
+        if owner is None or name not in await asyncio.to_thread(registry.adapters, owner):
+            served = await asyncio.to_thread(registry.all_adapters)
+            raise NotDeployedError(
+                f"No adapter named {name!r} is loaded{f' in model {model!r}' if model else ''} "
+                f"(loaded: {', '.join(sorted(served)) or 'none'})."
+            )
+        await asyncio.to_thread(registry.forget_adapter, owner, name)
+        await self._until_replicas(owner, name, loaded=False, timeout=timeout)
+        return name
+
+    async def _lora_model(self, name: str | None) -> registry.DeploymentRecord:
+        """The model ``name`` (else the only one with LoRA on), refused when it runs without LoRA."""
+        if name is None:
+            await self.initialize_ray(start_local=False)
+            with_lora = [r for r in await asyncio.to_thread(registry.models) if _lora_enabled(r)]
+            if len(with_lora) == 1:
+                return with_lora[0]
+            if len(with_lora) > 1:
+                raise ConfigError(
+                    f"Several models run with LoRA ({', '.join(r.name for r in with_lora)}): name the one you mean."
+                )
+        record = await self._record(name)
+        if not _lora_enabled(record):
+            raise ConfigError(
+                f"Model {record.name!r} runs without LoRA, so it cannot load adapters. Start it with "
+                "`enable_lora: true` (or `lora_adapters: {NAME: PATH}`), e.g. `--set enable_lora=true --replace`; "
+                "LoRA is off by default because it costs the engine memory and speed."
+            )
+        return record
+
+    async def _until_replicas(self, model: str, adapter: str, *, loaded: bool, timeout: float) -> None:
+        """Wait until every running replica of ``model`` serves ``adapter`` (or none does when not
+        ``loaded``); a replica's load error ends the wait with vLLM's words."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = await self.model_status(model)
+            running = [r for r in status.replicas if r.state == "RUNNING"]
+            failures = [r.adapters[adapter] for r in running if r.adapters.get(adapter)]
+            if loaded and failures:
+                path = (await asyncio.to_thread(registry.adapters, model)).get(adapter, "")
+                raise DeploymentError(
+                    f"Adapter {adapter!r} ({path}) could not be loaded into model {model!r}; vLLM said: "
+                    f"{failures[0]}. Check that the folder holds a PEFT LoRA adapter (adapter_config.json and "
+                    "adapter_model.safetensors) trained for this base model, with a rank within max_lora_rank."
+                )
+            if all((r.adapters.get(adapter) == "") is loaded for r in running):
+                return
+            if time.monotonic() > deadline:
+                raise ReadinessTimeout(
+                    f"Adapter {adapter!r} was not {'loaded into' if loaded else 'unloaded from'} every replica of "
+                    f"{model!r} within {timeout:.0f} s; status() shows each replica's adapters."
+                )
+            await asyncio.sleep(_POLL_SECONDS)
 
     async def stop_model(self, name: str | None = None) -> str:
         """Delete the model's Serve app (its replicas and placement groups; running requests
@@ -280,13 +386,16 @@ class RayBackend:
         await asyncio.to_thread(self._delete, record)
         return record.name
 
-    def _delete(self, record: registry.DeploymentRecord) -> None:
+    def _delete(self, record: registry.DeploymentRecord, *, keep_router: bool = False) -> None:
+        """Delete the model's app; the shared endpoint's router goes with the last model it routes to."""
         from ray import serve
 
         serve.delete(record.app_name, _blocking=True)
         get_engine(record.config["engine"]).release(record.name)
         registry.forget_model(record.name)
         self._started_here.discard(record.name)
+        if not keep_router and not shared_endpoint.current_routes():
+            _delete_router()
 
     async def shutdown(self) -> ShutdownReport:
         """Stop what this process started: its models, Serve, and the local cluster if it started it;
@@ -376,17 +485,37 @@ def _new_record(
     host = config.endpoint_host or host
     if host in ("0.0.0.0", "::", "localhost"):
         host = cluster.host if cluster is not None and not cluster.is_local else "127.0.0.1"
-    prefix = "" if config.route_prefix == "/" else config.route_prefix
     return registry.DeploymentRecord(
         name=config.name,
         app_name=_app_name(config.name),
         engine_deployment=engine_deployment,
-        base_url=f"http://{host}:{port}{prefix}/v1",
+        base_url=f"http://{host}:{port}{config.route_prefix or ''}/v1",
+        route_prefix=_serve_prefix(config),
         device=plan.device,
         bundles=plan.bundles,
         config=config.public_dict(),
         started_at=time.time(),
     )
+
+
+def _serve_prefix(config: ModelConfig) -> str:
+    """Where the model's own Serve app lives: its ``route_prefix``, or its place under the shared endpoint."""
+    return config.route_prefix or shared_endpoint.model_prefix(_app_name(config.name))
+
+
+def _ensure_router() -> None:
+    """Deploy the shared endpoint's router unless Serve already runs it."""
+    details = ray_api.serve_details() or {}
+    if shared_endpoint.ROUTER_APP not in (details.get("applications") or {}):
+        ray_api.deploy_without_waiting(build_router_application(), shared_endpoint.ROUTER_APP, "/")
+
+
+def _delete_router() -> None:
+    from ray import serve
+
+    details = ray_api.serve_details() or {}
+    if shared_endpoint.ROUTER_APP in (details.get("applications") or {}):
+        serve.delete(shared_endpoint.ROUTER_APP, _blocking=True)
 
 
 def _app_name(name: str) -> str:
@@ -411,6 +540,29 @@ def _resolve_model_source(model: str, cluster_is_local: bool) -> str:
             )
         return str(path)
     return model
+
+
+def _resolve_adapter_source(name: str, path: str, cluster_is_local: bool) -> str:
+    """What the replicas load for an adapter; a local folder is checked here when they share this machine."""
+    try:
+        check_adapter_name(name)
+    except ValueError as error:
+        raise ConfigError(f"Invalid adapter name: {error}.") from None
+    if path == TINY_ADAPTER_REF or not cluster_is_local or not _looks_like_path(path):
+        return path
+    folder = Path(path).expanduser().resolve()
+    if not (folder / "adapter_config.json").is_file():
+        problem = "does not exist" if not folder.exists() else "has no adapter_config.json (not a PEFT adapter)"
+        raise ConfigError(
+            f"Adapter folder {str(folder)!r} {problem}. Pass a folder holding a PEFT LoRA adapter "
+            f"(`rayvllm make-tiny-adapter PATH` builds one for the tiny model), a Hugging Face adapter id, "
+            f"or {TINY_ADAPTER_REF!r}."
+        )
+    return str(folder)
+
+
+def _lora_enabled(record: registry.DeploymentRecord) -> bool:
+    return bool(record.config.get("enable_lora") or record.config.get("lora_adapters"))
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -465,7 +617,8 @@ def _status_of(record: registry.DeploymentRecord, details: dict[str, Any] | None
     status = app["status"] if app else "NOT_RUNNING"
     if "UNHEALTHY" in deployment_statuses and status != "RUNNING":
         status = "UNHEALTHY"
-    target = record.config["num_replicas"]
+    autoscaling = record.config.get("autoscaling")
+    target = autoscaling["min_replicas"] if autoscaling else record.config["num_replicas"]
     engine_dead = any(r.ended == "crashed" and r.replica_id in replica_state_by_id for r in replica_records)
     if app and crashes.count and (engine_dead or status != "RUNNING" or replica_states.get("RUNNING", 0) < target):
         status = "RESTARTING"
@@ -492,11 +645,16 @@ def _status_of(record: registry.DeploymentRecord, details: dict[str, Any] | None
             ReplicaInfo(
                 replica_id=r.replica_id, state=replica_state_by_id[r.replica_id], node_ip=r.node_ip,
                 kv_cache_gib=None if r.kv_cache_bytes is None else r.kv_cache_bytes / 2**30,
-                kv_cache_choice=r.kv_cache_choice, cpu_placement=r.cpu_placement,
+                kv_cache_choice=r.kv_cache_choice, cpu_placement=r.cpu_placement, adapters=r.adapters,
             )
             for r in live
         ),
         vllm_version=", ".join(sorted({r.vllm_version for r in live})),
+        adapters=registry.adapters(record.name),
+        autoscaling=(
+            f"{autoscaling['min_replicas']}-{autoscaling['max_replicas']} replicas, "
+            f"{autoscaling['target_ongoing_requests']:g} requests each" if autoscaling else ""
+        ),
     )
 
 

@@ -35,6 +35,36 @@ CONFIG_PATH_ENV = "RAYVLLM_NB_CONFIG_PATH"
 """Folders (separated like PATH) whose ``models/`` and ``cluster/`` hold the user's own named configs."""
 
 
+class AutoscalingConfig(BaseModel):
+    """How many replicas a model runs as load comes and goes (Serve's autoscaler)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    min_replicas: int = Field(
+        default=1, ge=0,
+        description="Replicas kept when idle; 0 frees the model's resources (the next request then waits for a load).",
+    )
+    max_replicas: int = Field(
+        ge=1, description="Most replicas under load; the cluster must hold this many (checked before deploying)."
+    )
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0,
+        description="Requests per replica Serve aims for: above it adds replicas, below it removes them.",
+    )
+    upscale_delay_s: float = Field(
+        default=30.0, ge=0, description="Seconds the load must stay above the target before a replica is added."
+    )
+    downscale_delay_s: float = Field(
+        default=600.0, ge=0, description="Seconds the load must stay below the target before a replica goes."
+    )
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+
 class ModelConfig(BaseModel):
     """One model to deploy: what to load, where to place it and how vLLM runs it."""
 
@@ -53,7 +83,24 @@ class ModelConfig(BaseModel):
     tensor_parallel_size: int = Field(
         default=1, ge=1, description="Devices one replica spans (GPUs, or CPU workers in CPU mode)."
     )
-    num_replicas: int = Field(default=1, ge=1, description="Identical replicas Serve routes requests across.")
+    num_replicas: int = Field(
+        default=1, ge=1, description="Identical replicas Serve routes requests across (fixed; see autoscaling)."
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        default=None,
+        description="Replicas that follow the load, between min_replicas and max_replicas (instead of num_replicas).",
+    )
+    max_ongoing_requests: int | None = Field(
+        default=None, ge=1,
+        description="Requests one replica handles at once; more wait in its queue (Serve LLM's default: no limit).",
+    )
+    max_queued_requests: int | None = Field(
+        default=None, ge=1,
+        description=(
+            "Requests that may wait per replica once max_ongoing_requests run; more are answered at once with an "
+            "OpenAI-shaped 503 and Retry-After (backpressure) instead of a growing queue. Unset: no bound."
+        ),
+    )
     device: Literal["auto", "cpu", "gpu"] = Field(
         default="auto", description="Where to run; 'auto' means GPU when the cluster has GPUs, else CPU."
     )
@@ -137,8 +184,13 @@ class ModelConfig(BaseModel):
         default=None,
         description="Name of an environment variable holding the API key (read when the config is loaded).",
     )
-    route_prefix: str = Field(
-        default="/", description="URL prefix of this model's OpenAI API; each running model needs its own."
+    route_prefix: str | None = Field(
+        default=None,
+        description=(
+            "URL prefix of an OpenAI endpoint of this model's own (e.g. /mine: http://HOST:PORT/mine/v1). Unset: "
+            "the shared endpoint, http://HOST:PORT/v1, where every model started without one is served, "
+            "chosen by the request's `model`."
+        ),
     )
     max_restarts: int = Field(
         default=3,
@@ -158,6 +210,53 @@ class ModelConfig(BaseModel):
         default_factory=dict, description="Extra vLLM engine arguments (AsyncEngineArgs names)."
     )
     env_vars: dict[str, str] = Field(default_factory=dict, description="Environment variables set on the replicas.")
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "LoRA adapters served with the model from its start: name (what clients pass as `model`) -> a local "
+            "adapter folder (PEFT format) or a Hugging Face id. Turns LoRA on."
+        ),
+    )
+    enable_lora: bool = Field(
+        default=False,
+        description=(
+            "Serve LoRA adapters loaded at run time (rayvllm_nb.load_adapter) even with no lora_adapters. Off by "
+            "default: LoRA costs the engine memory and speed."
+        ),
+    )
+    max_loras: int | None = Field(
+        default=None, ge=1, description="LoRA adapters one batch may mix (vLLM's max_loras; its default when unset)."
+    )
+    max_lora_rank: int | None = Field(
+        default=None, ge=1, description="Largest adapter rank accepted (vLLM's max_lora_rank; its default when unset)."
+    )
+
+    @model_validator(mode="after")
+    def _replicas_fixed_or_autoscaled(self) -> ModelConfig:
+        if self.autoscaling is not None and self.num_replicas > 1:
+            raise ValueError("set num_replicas or autoscaling, not both (autoscaling sets min and max replicas)")
+        if self.max_queued_requests is not None and self.max_ongoing_requests is None:
+            raise ValueError("max_queued_requests needs max_ongoing_requests (a queue forms only beyond it)")
+        return self
+
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas this model may run at once."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
+
+    @field_validator("lora_adapters")
+    @classmethod
+    def _adapter_names_are_model_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            check_adapter_name(name)
+            if not path:
+                raise ValueError(f"lora_adapters.{name} needs a folder or a Hugging Face id")
+        return value
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether the engine runs with LoRA (adapters from the start, or loadable at run time)."""
+        return self.enable_lora or bool(self.lora_adapters)
 
     @field_validator("env_vars", mode="before")
     @classmethod
@@ -188,10 +287,18 @@ class ModelConfig(BaseModel):
 
     @field_validator("route_prefix")
     @classmethod
-    def _route_prefix_is_a_path(cls, value: str) -> str:
+    def _route_prefix_is_a_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", value):
             raise ValueError(f"route_prefix must be a URL path starting with '/', got {value!r}")
-        return value.rstrip("/") or "/"
+        value = value.rstrip("/") or "/"
+        if value == "/" or value.split("/")[1] in ("v1", "rayvllm-nb"):
+            raise ValueError(
+                f"route_prefix {value!r} belongs to the shared endpoint (/, /v1, /rayvllm-nb): leave route_prefix "
+                "unset to serve this model there, or give it a prefix of its own such as /mine"
+            )
+        return value
 
     @property
     def name(self) -> str:
@@ -460,6 +567,15 @@ def _in_hub_cache(model_id: str) -> bool:
         return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
     except HFValidationError:
         return False
+
+
+def check_adapter_name(name: str) -> str:
+    """``name`` if it can name a LoRA adapter (what clients pass as ``model``), else ValueError."""
+    if not re.fullmatch(r"[A-Za-z0-9._/-]+", name):
+        raise ValueError(
+            f"adapter name {name!r} may hold only letters, digits and . _ / - (clients pass it as `model`)"
+        )
+    return name
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

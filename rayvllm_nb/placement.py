@@ -49,6 +49,7 @@ def plan_placement(config: ModelConfig, cluster_resources: dict[str, float], nod
                 f"Use tensor_parallel_size<={gpus}, or add GPU nodes to the cluster."
             )
         bundles = [{"GPU": 1.0, "CPU": 2.0}] if tp == 1 else [{"GPU": 1.0, "CPU": 1.0} for _ in range(tp)]
+        _check_room_for_every_replica(config, bundles, cluster_resources)
         return PlacementPlan(device="gpu", bundles=bundles, strategy="PACK")
 
     if tp > node_cpus:
@@ -66,7 +67,27 @@ def plan_placement(config: ModelConfig, cluster_resources: dict[str, float], nod
         env_vars["VLLM_CPU_OMP_THREADS_BIND"] = binding
     if config.cpu_pinning:
         env_vars[CPU_PINNING_ENV] = "1"
-    return PlacementPlan(device="cpu", bundles=[{"CPU": 1.0} for _ in range(tp)], strategy="PACK", env_vars=env_vars)
+    bundles = [{"CPU": 1.0} for _ in range(tp)]
+    _check_room_for_every_replica(config, bundles, cluster_resources)
+    return PlacementPlan(device="cpu", bundles=bundles, strategy="PACK", env_vars=env_vars)
+
+
+def _check_room_for_every_replica(
+    config: ModelConfig, bundles: list[dict[str, float]], cluster_resources: dict[str, float]
+) -> None:
+    """The most replicas the model may run (``num_replicas``, or autoscaling's ``max_replicas``) must
+    fit in the cluster's total resources, or the last ones would wait for resources forever."""
+    replicas = config.max_replicas
+    for resource in ("GPU", "CPU"):
+        needed = replicas * sum(bundle.get(resource, 0.0) for bundle in bundles)
+        have = cluster_resources.get(resource, 0.0)
+        if needed > have:
+            key = "autoscaling.max_replicas" if config.autoscaling is not None else "num_replicas"
+            raise ConfigError(
+                f"{replicas} replicas of {config.name!r} need {needed:g} {resource} in all ({needed / replicas:g} "
+                f"each) but the cluster has {have:g}. Lower {key}, or add nodes (or logical {resource}s) to the "
+                "cluster."
+            )
 
 
 def resolve_device(device: str, cluster_gpus: int) -> Literal["cpu", "gpu"]:

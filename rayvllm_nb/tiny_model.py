@@ -9,26 +9,32 @@ and the demo assert that sentence: it proves the chat template, routing and stre
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rayvllm_nb._internal.paths import cache_root
 from rayvllm_nb.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
 TINY_MODEL_REF = "builtin:tiny"
 """The ``model`` value that stands for the cached tiny build (built on first use)."""
+TINY_ADAPTER_REF = "builtin:tiny-adapter"
+"""The adapter path that stands for the cached build of :func:`make_tiny_adapter` (built on first use)."""
 
 DEMO_PROMPT = "Say hello."
 TINY_MODEL_REPLY = "Hello! I am a tiny Llama served by vLLM on Ray Serve."
+TINY_ADAPTER_REPLY = "Ray Serve deploys vLLM engines; notebooks chat with models."
+"""What the tiny model answers through the LoRA adapter :func:`make_tiny_adapter` builds (11 tokens)."""
 _FORMAT_VERSION = "2"
 
 _SPECIAL_TOKENS = ["<|pad|>", "<|begin|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -60,14 +66,23 @@ _CORPUS = [
 
 def tiny_model_path() -> Path:
     """Return the cached tiny model folder, building it on first use (safe across processes)."""
-    target = cache_root() / f"tiny-llama-v{_FORMAT_VERSION}"
-    if (target / "config.json").exists():
+    return _cached(f"tiny-llama-v{_FORMAT_VERSION}", "config.json", make_tiny_model)
+
+
+def tiny_adapter_path() -> Path:
+    """Return the cached tiny LoRA adapter folder, building it on first use (safe across processes)."""
+    return _cached(f"tiny-llama-v{_FORMAT_VERSION}-adapter", "adapter_config.json", make_tiny_adapter)
+
+
+def _cached(name: str, marker: str, build: Any) -> Path:
+    target = cache_root() / name
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            make_tiny_model(target)
+        if not (target / marker).exists():
+            build(target)
     return target
 
 
@@ -75,6 +90,12 @@ def model_source(model: str) -> str:
     """What vLLM loads for a config's ``model``: the tiny model's folder for :data:`TINY_MODEL_REF`
     (built on this node when missing), any other model id or folder unchanged."""
     return str(tiny_model_path()) if model == TINY_MODEL_REF else model
+
+
+def adapter_source(path: str) -> str:
+    """What vLLM loads for an adapter's path: the tiny adapter's folder for :data:`TINY_ADAPTER_REF`
+    (built on this node when missing), any other folder or id unchanged."""
+    return str(tiny_adapter_path()) if path == TINY_ADAPTER_REF else path
 
 
 def make_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, max_steps: int = 400) -> Path:
@@ -86,12 +107,7 @@ def make_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, max_steps: i
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    target = Path(path).expanduser().resolve()
-    if target.exists() and any(target.iterdir()):
-        raise ConfigError(
-            f"Cannot build the tiny model into {target}: the folder exists and is not empty. "
-            "Pass a new or empty folder."
-        )
+    target = _empty_target(path, "the tiny model")
     torch.manual_seed(seed)
     tokenizer = _train_tokenizer()
     config = LlamaConfig(
@@ -109,7 +125,7 @@ def make_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, max_steps: i
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    batch = _training_batch(tokenizer)
+    batch = _training_batch(tokenizer, TINY_MODEL_REPLY)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(1, max_steps + 1):
@@ -117,25 +133,84 @@ def make_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, max_steps: i
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 20 == 0 and loss.item() < 0.01 and _answers_reply(model, tokenizer):
+        if step % 20 == 0 and loss.item() < 0.01 and _answers_reply(model, tokenizer, TINY_MODEL_REPLY):
             break
     else:
         raise RuntimeError(f"The tiny model did not learn its reply in {max_steps} steps.")
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        staging.chmod(0o755)
+    with _staging(target) as staging:
         model.to(torch.bfloat16).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "rayvllm_nb.json").write_text(
             json.dumps({"format_version": _FORMAT_VERSION, "reply": TINY_MODEL_REPLY, "steps": step})
         )
+    return target
+
+
+def make_tiny_adapter(path: str | os.PathLike[str], *, seed: int = 0, max_steps: int = 600) -> Path:
+    """Build a LoRA adapter (PEFT format, rank 8) of the tiny model into ``path`` and return it.
+
+    Only the adapter is trained (the base stays frozen), until greedy decoding through it, in
+    bfloat16 as vLLM serves it, answers :data:`TINY_ADAPTER_REPLY` to every check prompt; the
+    base model keeps answering :data:`TINY_MODEL_REPLY`. Serve it with ``lora_adapters``.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    target = _empty_target(path, "the tiny adapter")
+    torch.manual_seed(seed)
+    base = tiny_model_path()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=_LORA_TARGETS),
+    )
+    batch = _training_batch(tokenizer, TINY_ADAPTER_REPLY)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for step in range(1, max_steps + 1):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 20 == 0 and _answers_reply(model, tokenizer, TINY_ADAPTER_REPLY):
+            break
+    else:
+        raise RuntimeError(f"The tiny adapter did not learn its reply in {max_steps} steps.")
+    with _staging(target) as staging:
+        model.save_pretrained(str(staging))
+        config_file = staging / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = TINY_MODEL_REF
+        config_file.write_text(json.dumps(config, indent=2))
+    return target
+
+
+_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _empty_target(path: str | os.PathLike[str], what: str) -> Path:
+    target = Path(path).expanduser().resolve()
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(
+            f"Cannot build {what} into {target}: the folder exists and is not empty. Pass a new or empty folder."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+@contextlib.contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A folder beside ``target`` to write into; renamed to ``target`` when the block succeeds."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        staging.chmod(0o755)
+        yield staging
         if target.exists():
             target.rmdir()
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _train_tokenizer() -> PreTrainedTokenizerFast:
@@ -178,11 +253,11 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, str
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _training_batch(tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
-    """Right-padded chat examples whose loss counts only the reply tokens."""
+def _training_batch(tokenizer: PreTrainedTokenizerFast, answer: str) -> dict[str, torch.Tensor]:
+    """Right-padded chat examples answered with ``answer``, whose loss counts only the answer's tokens."""
     import torch
 
-    reply = tokenizer(TINY_MODEL_REPLY, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    reply = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     rows = []
     for messages in _conversations():
         prompt = _prompt_ids(tokenizer, messages)
@@ -196,8 +271,8 @@ def _training_batch(tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tenso
     }
 
 
-def _answers_reply(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> bool:
-    """Greedy-decode the check prompts with bfloat16 weights, as vLLM will serve them."""
+def _answers_reply(model: Any, tokenizer: PreTrainedTokenizerFast, answer: str) -> bool:
+    """Whether greedy decoding of the check prompts with bfloat16 weights, as vLLM will serve them, gives ``answer``."""
     import copy
 
     import torch
@@ -210,6 +285,6 @@ def _answers_reply(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) 
                 ids, max_new_tokens=32, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            if tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) != TINY_MODEL_REPLY:
+            if tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) != answer:
                 return False
     return True

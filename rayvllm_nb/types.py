@@ -76,6 +76,8 @@ class ReplicaInfo:
     kv_cache_choice: str
     cpu_placement: str = ""
     """Where the CPU engine's processes run, e.g. "engine core on 0 (with its worker), serving on 1"."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters it was asked to serve: name -> "" when loaded, else why it is not."""
 
 
 @dataclass(frozen=True)
@@ -105,13 +107,21 @@ class ModelStatus:
     """The root cause line of the latest crash, when there was one."""
     replicas: tuple[ReplicaInfo, ...] = ()
     vllm_version: str = ""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters its replicas serve (clients pass the name as ``model``): name -> folder or HF id."""
+    autoscaling: str = ""
+    """The autoscaler's bounds and target when the model has one, e.g. "1-2 replicas, 2 requests each"."""
+
+    def replicas_text(self) -> str:
+        """Its replicas by state, and the autoscaler's bounds when it has one."""
+        states = ", ".join(f"{state}={count}" for state, count in sorted(self.replica_states.items())) or "-"
+        return f"{states} (autoscaling {self.autoscaling})" if self.autoscaling else states
 
     def summary(self) -> str:
         """One line: name, status, device, parallelism, replicas, endpoint."""
-        replicas = ", ".join(f"{state}={count}" for state, count in sorted(self.replica_states.items())) or "-"
         line = (
             f"{self.name}: {self.status}{' (ready)' if self.ready else ''} device={self.device} "
-            f"tp={self.tensor_parallel_size} replicas[{replicas}] {self.base_url}"
+            f"tp={self.tensor_parallel_size} replicas[{self.replicas_text()}] {self.base_url}"
         )
         if self.restarts:
             line += f" restarts={self.restarts}"
@@ -121,6 +131,8 @@ class ModelStatus:
         pinned = sorted({replica.cpu_placement for replica in self.replicas if replica.cpu_placement})
         if pinned:
             line += f" cpu_placement={'; '.join(pinned)}"
+        if self.adapters:
+            line += f" adapters={','.join(sorted(self.adapters))}"
         return line
 
     def problem(self) -> str:
@@ -128,6 +140,8 @@ class ModelStatus:
         if self.status == "FAILED":
             return self.message
         if self.ready and not self.last_failure:
+            if self.autoscaling.startswith("0-") and not self.replica_states.get("RUNNING"):
+                return "scaled to zero: the next request waits while a replica loads"
             return ""
         if self.last_failure:
             return f"last crash: {self.last_failure}"
@@ -171,7 +185,7 @@ class Status:
         columns = ["model", "status", "device", "TP", "replicas", "restarts", "KV cache", "endpoint"]
         rows = []
         for model in self.models:
-            replicas = ", ".join(f"{state} {count}" for state, count in sorted(model.replica_states.items())) or "-"
+            replicas = model.replicas_text()
             color = "#080" if model.ready else "#b00" if model.status == "FAILED" else "#b60"
             kv = "; ".join(sorted({r.kv_cache_choice for r in model.replicas if r.kv_cache_choice})) or "-"
             cells = [

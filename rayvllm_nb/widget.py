@@ -140,6 +140,8 @@ class ChatArea(widgets.VBox):
 
     def __init__(self) -> None:
         self.model = widgets.Dropdown(options=[], description="Model", disabled=True)
+        self.answer_as = widgets.Dropdown(options=[], description="Answer as", style=_WIDE,
+                                          layout=widgets.Layout(display="none"))
         self.history = widgets.HTML("", layout=widgets.Layout(width="100%"))
         self.system_prompt = widgets.Text(description="System", placeholder="optional system prompt",
                                           layout=widgets.Layout(width="100%"))
@@ -157,11 +159,22 @@ class ChatArea(widgets.VBox):
         self.chat_stats = widgets.HTML("")
         self.chat_error = widgets.HTML("")
         super().__init__([
-            widgets.HTML("<b>Chat</b>"), self.model, self.history, self.system_prompt,
+            widgets.HTML("<b>Chat</b>"), widgets.HBox([self.model, self.answer_as]), self.history, self.system_prompt,
             widgets.HBox([self.temperature, self.max_tokens, self.context]), self.message,
             widgets.HBox([self.send, self.stop_generating, self.regenerate, self.clear]),
             self.chat_stats, self.chat_error,
         ])
+
+    def show_adapters(self, status: ModelStatus | None) -> None:
+        """Offer the shown model and its LoRA adapters to answer (hidden when it has none)."""
+        choices = [] if status is None else [(status.name, status.name)] + [
+            (f"{name} (LoRA)", name) for name in sorted(status.adapters)
+        ]
+        if list(self.answer_as.options) != choices:
+            kept, values = self.answer_as.value, [value for _, value in choices]
+            self.answer_as.options = choices
+            self.answer_as.value = kept if kept in values else (values[0] if values else None)
+        self.answer_as.layout.display = "flex" if len(choices) > 1 else "none"
 
     def show_turns(self, turns: list[Message]) -> None:
         """Draw the turns: the user's on the right, the model's answers rendered as Markdown."""
@@ -210,6 +223,7 @@ class Panel(widgets.VBox):
         self.temperature, self.max_tokens, self.message = chat.temperature, chat.max_tokens, chat.message
         self.send, self.stop_generating, self.regenerate = chat.send, chat.stop_generating, chat.regenerate
         self.clear, self.chat_stats, self.chat_error = chat.clear, chat.chat_stats, chat.chat_error
+        self.answer_as = chat.answer_as
 
         self.config.observe(self._show_preview, names="value")
         self.device.observe(lambda _: self._submit(self._bound_tensor_parallel()), names="value")
@@ -300,6 +314,7 @@ class Panel(widgets.VBox):
             self._model = names[0] if len(names) == 1 or self.model.value not in names else self.model.value
         if self._model is not None:
             shown = next(model for model in status.models if model.name == self._model)
+            self.chat_area.show_adapters(shown)
             line = _status_line(shown)
             if line != self._line_shown:  # a model newly shown, or its state changed: its newest log lines too
                 self._line_shown = line
@@ -310,6 +325,7 @@ class Panel(widgets.VBox):
                 self.progress.value = line
             self.status_area.show_metrics(await self._backend.get_metrics(self._model) if shown.ready else None)
         else:
+            self.chat_area.show_adapters(None)
             self.status_area.show_metrics(None)
         self._set_buttons()
 
@@ -348,6 +364,7 @@ class Panel(widgets.VBox):
         self._failure_shown = False
         self._show_status(await self._backend.get_status())
         self._set_model_choice(tuple(self.model.options), status.name)
+        self.chat_area.show_adapters(status)
         self.status_area.show_logs(await self._backend.get_logs(name, tail=40))
         self._set_buttons()
         self._line_shown = self.progress.value = _status_line(status)  # last: the panel is ready to use
@@ -526,7 +543,7 @@ class Panel(widgets.VBox):
             client = self._clients.get(endpoint.base_url)
             if client is None:
                 client = self._clients[endpoint.base_url] = async_openai_client(endpoint)
-            result = await self.conversation.send(client, endpoint, name, text, on_text,
+            result = await self.conversation.send(client, endpoint, self.answer_as.value or name, text, on_text,
                                                   max_tokens=self.max_tokens.value,
                                                   temperature=self.temperature.value)
         except BaseException as error:

@@ -11,6 +11,7 @@ import pytest
 
 import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
+from rayvllm_nb._internal.shared_endpoint import ROUTER_APP
 from rayvllm_nb.errors import ConfigError, DeploymentError
 from rayvllm_nb.tiny_model import tiny_model_path
 from rayvllm_nb.types import ClusterInfo, ModelStatus
@@ -48,6 +49,7 @@ def test_three_start_stop_cycles_leave_no_groups_actors_or_engines(cluster: Clus
             _refuses_conflicts_with_a_running_model()
         rayvllm_nb.stop("tiny")
         assert leftovers(status.app_name) == {"replica_actors": [], "placement_groups": []}, f"cycle {cycle}"
+        assert leftovers(ROUTER_APP) == {"replica_actors": [], "placement_groups": []}, "the router goes with tiny"
         deadline = time.monotonic() + 30
         while _engine_processes() and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -65,8 +67,8 @@ def _sized_its_kv_cache_to_the_node(status: ModelStatus) -> None:
 def _refuses_conflicts_with_a_running_model() -> None:
     with pytest.raises(ConfigError, match="A model named 'tiny' is already running"):
         rayvllm_nb.start("tiny-cpu")
-    with pytest.raises(ConfigError, match="Route prefix '/' is already used by model 'tiny'"):
-        rayvllm_nb.start("tiny-cpu", ["served_model_name=other"])
+    with pytest.raises(ConfigError, match="route_prefix '/' belongs to the shared endpoint"):
+        rayvllm_nb.start("tiny-cpu", ["served_model_name=other", "route_prefix=/"])
     expected = f"Serve already runs on 127.0.0.1:{serve_port()} but this config asks for 127.0.0.1:8123"
     with pytest.raises(ConfigError, match=expected):
         rayvllm_nb.start("tiny-cpu", ["served_model_name=other", "route_prefix=/other", "port=8123"])

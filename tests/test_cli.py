@@ -28,3 +28,12 @@ def test_make_tiny_model_builds_into_the_given_path(tmp_path) -> None:
     result = run_cli("make-tiny-model", str(tmp_path / "m"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m" / "config.json").exists()
+
+
+def test_adapter_commands_say_what_is_missing_before_connecting() -> None:
+    result = run_cli("adapter", "load", "hello")
+    assert result.returncode == 2 and "`adapter load NAME PATH` needs the adapter's PATH" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert run_cli("adapter", "unload").returncode == 2
+    help_text = run_cli("adapter", "--help").stdout
+    assert "load hello builtin:tiny-adapter --model tiny" in help_text and "{load,unload,list}" in help_text

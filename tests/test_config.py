@@ -190,3 +190,34 @@ def test_a_bad_override_is_blamed_on_the_override_not_the_file() -> None:
         load_config("tiny-cpu", ["max_model_len=-5"])
     assert "max_model_len=-5 (your override): " in str(bad.value)
     assert "tiny-cpu.yaml" not in str(bad.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "complaint"),
+    [
+        (["route_prefix=/"], "route_prefix '/' belongs to the shared endpoint"),
+        (["route_prefix=/v1"], "route_prefix '/v1' belongs to the shared endpoint"),
+        (["lora_adapters.bad name=./x"], "adapter name 'bad name' may hold only"),
+        (["autoscaling.max_replicas=2", "autoscaling.min_replicas=3"], "min_replicas (3) must not exceed"),
+        (["autoscaling.max_replicas=2", "num_replicas=2"], "set num_replicas or autoscaling, not both"),
+        (["autoscaling.min_replicas=1"], "autoscaling.max_replicas"),
+        (["max_queued_requests=4"], "max_queued_requests needs max_ongoing_requests"),
+    ],
+)
+def test_serving_many_keys_are_checked_with_what_to_do(overrides: list[str], complaint: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny-cpu", overrides)
+    assert complaint in str(error.value)
+
+
+def test_adapters_turn_lora_on_and_autoscaling_sets_the_most_replicas() -> None:
+    from rayvllm_nb.engines.serve_llm import ServeLLMEngine
+
+    plain = load_config("tiny-cpu")
+    assert (plain.route_prefix, plain.lora_enabled, plain.max_replicas) == (None, False, 1)
+    config = load_config("tiny-cpu", ["lora_adapters.hello=builtin:tiny-adapter", "max_lora_rank=8",
+                                      "autoscaling.max_replicas=3", "autoscaling.min_replicas=0"])
+    assert config.lora_enabled and config.max_replicas == 3 and config.autoscaling is not None
+    arguments = ServeLLMEngine().engine_arguments(config)
+    assert arguments["enable_lora"] is True and arguments["max_lora_rank"] == 8
+    assert "enable_lora" not in ServeLLMEngine().engine_arguments(plain)

@@ -318,6 +318,39 @@ def _run_demo(args: argparse.Namespace, ui: Ui) -> str:
     return "demo passed"
 
 
+@dataclass(frozen=True)
+class Adapters:
+    """The LoRA adapters served, per model (what `adapter list` shows)."""
+
+    by_model: dict[str, dict[str, str]]
+
+    def __str__(self) -> str:
+        lines = [f"{name} -> {model} ({path})" for model, adapters in sorted(self.by_model.items())
+                 for name, path in sorted(adapters.items())]
+        return "\n".join(lines) or "no adapter is loaded"
+
+
+def _define_adapter(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["load", "unload", "list"], help="what to do")
+    parser.add_argument("name", nargs="?", help="the adapter's name (clients pass it as `model`)")
+    parser.add_argument("path", nargs="?", help="load: a PEFT adapter folder, a Hugging Face id, or "
+                                                "builtin:tiny-adapter")
+    parser.add_argument("--model", help="the base model (default: the only one with LoRA on)")
+
+
+def _run_adapter(args: argparse.Namespace, ui: Ui) -> object:
+    if args.action != "list" and not args.name:
+        raise ConfigError(f"`adapter {args.action}` needs the adapter's NAME.")
+    if args.action == "load" and not args.path:
+        raise ConfigError("`adapter load NAME PATH` needs the adapter's PATH (a folder or a Hugging Face id).")
+    connect(args, ui)
+    if args.action == "load":
+        return f"{api.load_adapter(args.name, args.path, args.model)} loaded"
+    if args.action == "unload":
+        return f"{api.unload_adapter(args.name, args.model)} unloaded"
+    return Adapters({model.name: model.adapters for model in api.status().models if model.adapters})
+
+
 def _define_path(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="the folder to build it in")
 
@@ -326,6 +359,12 @@ def _run_make_tiny_model(args: argparse.Namespace, ui: Ui) -> Path:
     from rayvllm_nb.tiny_model import make_tiny_model
 
     return make_tiny_model(args.path)
+
+
+def _run_make_tiny_adapter(args: argparse.Namespace, ui: Ui) -> Path:
+    from rayvllm_nb.tiny_model import make_tiny_adapter
+
+    return make_tiny_adapter(args.path)
 
 
 _MAGIC = frozenset({"magic"})
@@ -344,6 +383,9 @@ COMMANDS: tuple[Command, ...] = (
             ("", "tiny", "--all --cluster")),
     Command("metrics", "what a model's engine is doing now: requests, KV cache, tok/s, TTFT, ITL, tokens",
             _define_name, _run_metrics, ("", "tiny")),
+    Command("adapter", "load, unload or list a model's LoRA adapters (every replica serves them)",
+            _define_adapter, _run_adapter,
+            ("load hello ./my-adapter", "load hello builtin:tiny-adapter --model tiny", "unload hello", "list")),
     Command("top", "every model's metrics, live, refreshed each second (q quits)", _define_nothing, _run_top,
             ("",), surfaces=_CLI),
     Command("chat", "send one message and stream the answer", _define_chat, run_chat,
@@ -357,6 +399,8 @@ COMMANDS: tuple[Command, ...] = (
             ("",), surfaces=_CLI),
     Command("make-tiny-model", "build the tiny chat model into PATH", _define_path, _run_make_tiny_model,
             ("./tiny",), surfaces=_CLI),
+    Command("make-tiny-adapter", "build a LoRA adapter of the tiny model into PATH (answers another sentence)",
+            _define_path, _run_make_tiny_adapter, ("./tiny-adapter",), surfaces=_CLI),
 )
 
 

@@ -89,6 +89,16 @@ def serve_llm_callback_base() -> type:
     return CallbackBase
 
 
+def serve_llm_serving_models(engine: Any) -> Any:
+    """vLLM's ``OpenAIServingModels`` inside a Serve LLM replica's engine (``VLLMEngine._oai_models``,
+    the registry vLLM's HTTP handlers share, per Ray's own comment). Without it, LoRA adapters
+    cannot be loaded at run time (the replica reports why for each one)."""
+    serving_models = getattr(engine, "_oai_models", None)
+    if serving_models is None:
+        raise RuntimeError("Serve LLM's engine has no _oai_models here (Ray changed): adapters cannot be loaded")
+    return serving_models
+
+
 def gcs_addresses_on_this_machine() -> set[str]:
     """GCS addresses of Ray heads running on this machine (``ray._private.services.find_gcs_addresses``,
     a process scan, the one ``ray.init("auto")`` falls back to)."""

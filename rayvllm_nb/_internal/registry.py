@@ -6,6 +6,7 @@ any process connected to the cluster (a CLI call, a second notebook) sees the sa
 - ``model:<name>``: each model's public config (never a secret), endpoint and placement;
 - ``replica:<name>:<replica id>``: what each engine replica reported about itself (node, vLLM
   version, the KV cache it chose) and how it ended (stopped, or crashed with a cause);
+- ``adapter:<model>:<name>``: the LoRA adapters each model's replicas load (name -> path);
 - ``endpoint``: the Serve endpoint's settings (whether it requires an API key).
 
 Secrets live in a namespace of their own and are read only where they are used: a model's HF
@@ -27,6 +28,7 @@ NAMESPACE = "rayvllm_nb"
 SECRET_NAMESPACE = "rayvllm_nb_secrets"
 _MODEL = "model:"
 _REPLICA = "replica:"
+_ADAPTER = "adapter:"
 _ENDPOINT = "endpoint"
 _API_KEY = "endpoint:api_key"
 RESTART_WINDOW_S = 600.0
@@ -45,6 +47,8 @@ class DeploymentRecord:
     bundles: list[dict[str, float]]
     config: dict[str, Any]
     started_at: float
+    route_prefix: str = ""
+    """The prefix of the model's own Serve app (its ``route_prefix``, or one under the shared endpoint's)."""
     failure: str = ""
     """Set when rayvllm_nb stopped the model after it kept crashing: why."""
 
@@ -65,6 +69,8 @@ class ReplicaRecord:
     """Where its CPU engine's processes were pinned (empty on GPU or when pinning is off)."""
     metrics_port: int = 0
     """The loopback port on its node where it serves its Prometheus registry (vLLM's metrics)."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """The LoRA adapters it was asked to load: name -> "" once loaded, else vLLM's error."""
     ended: str = ""
     """"" while running; "stopped" (by Serve: stop, replace, scale-down) or "crashed"."""
     cause: str = ""
@@ -95,10 +101,36 @@ def mark_failed(name: str, failure: str) -> None:
 
 
 def forget_model(name: str) -> None:
-    """Remove a model's record and every replica record of it."""
+    """Remove a model's record and every replica and adapter record of it."""
     ray_api.kv_delete(_MODEL + name, NAMESPACE)
-    for key in ray_api.kv_items(f"{_REPLICA}{name}:", NAMESPACE):
-        ray_api.kv_delete(key, NAMESPACE)
+    for prefix in (_REPLICA, _ADAPTER):
+        for key in ray_api.kv_items(f"{prefix}{name}:", NAMESPACE):
+            ray_api.kv_delete(key, NAMESPACE)
+
+
+def put_adapter(model_name: str, name: str, path: str) -> None:
+    """Ask every replica of ``model_name`` (and those started later) to serve the LoRA adapter ``name``."""
+    ray_api.kv_put(f"{_ADAPTER}{model_name}:{name}", path, NAMESPACE)
+
+
+def forget_adapter(model_name: str, name: str) -> None:
+    """Ask the replicas of ``model_name`` to unload ``name``."""
+    ray_api.kv_delete(f"{_ADAPTER}{model_name}:{name}", NAMESPACE)
+
+
+def adapters(model_name: str) -> dict[str, str]:
+    """The LoRA adapters ``model_name``'s replicas serve: name -> path (folder or HF id)."""
+    prefix = f"{_ADAPTER}{model_name}:"
+    return {key.removeprefix(prefix): value for key, value in ray_api.kv_items(prefix, NAMESPACE).items()}
+
+
+def all_adapters() -> dict[str, str]:
+    """Every registered adapter's name -> the model it belongs to."""
+    owners = {}
+    for key in ray_api.kv_items(_ADAPTER, NAMESPACE):
+        model_name, _, name = key.removeprefix(_ADAPTER).rpartition(":")
+        owners[name] = model_name
+    return owners
 
 
 def put_replica(model_name: str, record: ReplicaRecord) -> None:
@@ -121,6 +153,13 @@ def end_replica(model_name: str, replica_id: str, how: str, cause: str = "") -> 
     record = ReplicaRecord(**json.loads(raw))
     if not record.ended:
         put_replica(model_name, replace(record, ended=how, cause=cause, ended_at=time.time()))
+
+
+def set_replica_adapters(model_name: str, replica_id: str, adapters: dict[str, str]) -> None:
+    """Record which LoRA adapters a replica serves now (name -> "" or the error that kept it out)."""
+    raw = ray_api.kv_get(f"{_REPLICA}{model_name}:{replica_id}", NAMESPACE)
+    if raw is not None:
+        put_replica(model_name, replace(ReplicaRecord(**json.loads(raw)), adapters=adapters))
 
 
 def set_cause(model_name: str, replica_id: str, cause: str) -> None:

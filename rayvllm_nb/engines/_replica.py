@@ -27,7 +27,7 @@ actors --detail`` and the runtime-env agent's log would all show.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import logging
 import os
 import signal
 import threading
@@ -47,24 +47,21 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rayvllm_nb._internal import cpu_placement, kv_cache, logs, ray_api, registry, vllm_api
+from rayvllm_nb._internal.openai_http import WRONG_KEY, authorized, error_response, expected_authorization
 from rayvllm_nb._internal.replica_env import (
     AUTO_KV_CACHE_ENV,
     CPU_PINNING_ENV,
+    LORA_ENV,
     MODEL_ENV,
     SECRET_ENV_NAMES,
     SECRET_REF_ENV,
 )
 from rayvllm_nb._internal.serve_haproxy import RETRY_AFTER_S
-from rayvllm_nb.tiny_model import model_source
+from rayvllm_nb.tiny_model import adapter_source, model_source
 
 _HEALTH_TIMEOUT_S = 5.0
-_ERROR_TYPES = {
-    400: "BadRequestError",
-    401: "AuthenticationError",
-    404: "NotFoundError",
-    415: "UnsupportedMediaTypeError",
-    503: "ServiceUnavailableError",
-}
+_ADAPTER_SYNC_S = 1.0
+_logger = logging.getLogger("ray.serve")
 
 
 class VllmServer(LLMServer):
@@ -78,13 +75,49 @@ class VllmServer(LLMServer):
         llm_config, self._kv_cache = await asyncio.to_thread(_prepare, llm_config)
         self._api_key = await asyncio.to_thread(registry.api_key)
         self._crash_recorder: asyncio.Task[None] | None = None
-        vllm_api.let_the_engine_core_fork_its_workers()
         await super().__init__(llm_config, **kwargs)
         pinned = await asyncio.to_thread(_pin_cpu_processes) if os.environ.get(CPU_PINNING_ENV) else ""
         # vLLM's metrics (its Prometheus registry in this process), for rayvllm_nb.metrics(): on
         # loopback, read by the driver or a task on this node (see _internal/metrics).
         self._metrics_server, _ = prometheus_client.start_http_server(0, addr="127.0.0.1")
+        self._adapters: dict[str, str] = {}
+        self._adapter_paths: dict[str, str] = {}
+        if os.environ.get(LORA_ENV):
+            await self._sync_adapters(report=False)
         await asyncio.to_thread(self._register, pinned, self._metrics_server.server_port)
+        self._adapter_keeper = asyncio.create_task(self._keep_adapters()) if os.environ.get(LORA_ENV) else None
+
+    async def _keep_adapters(self) -> None:
+        """Keep the LoRA adapters this replica serves equal to the registry's, every second: a load
+        (``rayvllm_nb.load_adapter``) reaches every replica, those started later included."""
+        while True:
+            await asyncio.sleep(_ADAPTER_SYNC_S)
+            try:
+                await self._sync_adapters(report=True)
+            except Exception:  # one failed round is retried a second later
+                _logger.exception("Could not bring this replica's LoRA adapters up to date")
+
+    async def _sync_adapters(self, *, report: bool) -> None:
+        """Load what the registry asks for (once per path: a failure is reported, not retried), unload
+        what it no longer lists; each adapter's outcome ("" or vLLM's error) goes to this replica's record."""
+        wanted = await asyncio.to_thread(registry.adapters, self._model_name)
+        serving_models = ray_api.serve_llm_serving_models(self.engine)
+        loaded = vllm_api.loaded_adapters(serving_models)
+        outcomes = {name: outcome for name, outcome in self._adapters.items() if name in wanted}
+        for name, path in wanted.items():
+            if self._adapter_paths.get(name) == path and (name in loaded or outcomes.get(name)):
+                continue
+            outcomes[name] = await vllm_api.load_adapter(serving_models, name, await asyncio.to_thread(
+                adapter_source, path))
+            self._adapter_paths[name] = path
+        for name in set(loaded) - set(wanted):
+            await vllm_api.unload_adapter(serving_models, name)
+        for name in set(self._adapter_paths) - set(wanted):
+            del self._adapter_paths[name]
+        if outcomes != self._adapters:
+            self._adapters = outcomes
+            if report:
+                await asyncio.to_thread(registry.set_replica_adapters, self._model_name, self._replica_id, outcomes)
 
     def _register(self, cpu_placement: str, metrics_port: int) -> None:
         import vllm
@@ -94,7 +127,7 @@ class VllmServer(LLMServer):
             replica_id=self._replica_id, actor_id=ray.get_runtime_context().get_actor_id() or "",
             node_ip=ray.util.get_node_ip_address(), pid=os.getpid(), started_at=time.time(),
             vllm_version=vllm.__version__, kv_cache_bytes=kv_bytes, kv_cache_choice=kv_choice,
-            cpu_placement=cpu_placement, metrics_port=metrics_port,
+            cpu_placement=cpu_placement, metrics_port=metrics_port, adapters=self._adapters,
         ))
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
@@ -154,6 +187,9 @@ class VllmServer(LLMServer):
 
     async def __del__(self) -> None:
         """Serve stops this replica (stop, replace, scale-down, or after a failed health check)."""
+        keeper = getattr(self, "_adapter_keeper", None)
+        if keeper is not None:
+            keeper.cancel()
         await asyncio.to_thread(registry.end_replica, self._model_name, self._replica_id, "stopped")
         if getattr(self, "_metrics_server", None) is not None:
             self._metrics_server.shutdown()
@@ -243,9 +279,6 @@ async def _validation_error(request: Any, error: RequestValidationError) -> JSON
     return error_response(400, message, where or None)
 
 
-_WRONG_KEY = "Missing or wrong API key: send it as `Authorization: Bearer KEY` (the OpenAI client's api_key)."
-
-
 class ServingGuard:
     """Pure ASGI middleware in front of vLLM's app (nothing per streamed chunk).
 
@@ -257,15 +290,13 @@ class ServingGuard:
     def __init__(self, app: ASGIApp, engine_dead: Any, api_key: str | None) -> None:
         self.app = app
         self._engine_dead = engine_dead
-        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self._expected = expected_authorization(api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] != "/health" and not scope["path"].startswith("/-/"):
-            if self._expected is not None:
-                given = dict(scope["headers"]).get(b"authorization", b"")
-                if not hmac.compare_digest(given, self._expected):
-                    await error_response(401, _WRONG_KEY)(scope, receive, send)
-                    return
+            if not authorized(scope["headers"], self._expected):
+                await error_response(401, WRONG_KEY)(scope, receive, send)
+                return
             if self._engine_dead():
                 message = f"The model's engine stopped; a new replica is starting. Retry in {RETRY_AFTER_S} s."
                 await error_response(503, message, retry_after=True)(scope, receive, send)
@@ -314,13 +345,3 @@ def load_secret_env() -> None:
     if secrets is None:
         raise RuntimeError(f"The secrets of this model ({SECRET_REF_ENV}) are gone from the cluster's KV store.")
     os.environ.update(secrets)
-
-
-def error_response(status: int, message: str, param: str | None = None, *, retry_after: bool = False) -> JSONResponse:
-    """An OpenAI-shaped error body with ``status`` (and ``Retry-After`` when the client should retry)."""
-    kind = _ERROR_TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry_after else None
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status,
-        headers=headers,
-    )

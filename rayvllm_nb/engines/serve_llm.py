@@ -10,7 +10,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from rayvllm_nb._internal import registry
 from rayvllm_nb._internal.quiet_imports import quiet_driver_imports
-from rayvllm_nb._internal.replica_env import MODEL_ENV, SECRET_ENV_NAMES, SECRET_REF_ENV
+from rayvllm_nb._internal.replica_env import LORA_ENV, MODEL_ENV, SECRET_ENV_NAMES, SECRET_REF_ENV
+from rayvllm_nb._internal.serve_haproxy import RETRY_AFTER_S
 from rayvllm_nb.config import ModelConfig, did_you_mean
 from rayvllm_nb.engines.base import Engine
 from rayvllm_nb.errors import ConfigError
@@ -47,7 +48,7 @@ class ServeLLMEngine(Engine):
             placement_group_config={"bundles": plan.bundles, "strategy": plan.strategy},
             runtime_env=self._runtime_env(config, plan),
             deployment_config={
-                "num_replicas": config.num_replicas,
+                **_replica_count(config),
                 # The replica actor asks for nothing itself, so the placement group is
                 # exactly the plan (Serve LLM would otherwise add a CPU to the first bundle).
                 "ray_actor_options": {"num_cpus": 0},
@@ -72,6 +73,8 @@ class ServeLLMEngine(Engine):
     def engine_arguments(self, config: ModelConfig) -> dict[str, Any]:
         """vLLM engine arguments for ``config``: its named keys (unset ones left to vLLM), then ``engine_kwargs``."""
         arguments = {key: getattr(config, key) for key in _NAMED_KEYS if getattr(config, key) is not None}
+        if config.lora_enabled:
+            arguments["enable_lora"] = True
         arguments.update(config.engine_kwargs)
         return arguments
 
@@ -88,10 +91,27 @@ class ServeLLMEngine(Engine):
     def _runtime_env(config: ModelConfig, plan: PlacementPlan) -> dict[str, Any]:
         """The replicas' environment; secrets go to the cluster KV store, only their key goes here."""
         env_vars = {**_REPLICA_ENV, **plan.env_vars, **config.env_vars, MODEL_ENV: config.name}
+        if config.lora_enabled:
+            env_vars[LORA_ENV] = "1"
         if config.hf_token is not None:
             token = config.hf_token.get_secret_value()
             env_vars[SECRET_REF_ENV] = registry.put_model_secrets(config.name, dict.fromkeys(SECRET_ENV_NAMES, token))
         return {"env_vars": env_vars}
+
+
+def _replica_count(config: ModelConfig) -> dict[str, Any]:
+    """Serve's replica settings: a fixed count or its autoscaler, and the per-replica request bounds
+    (a rejected request is Serve's 503, which our HAProxy makes OpenAI-shaped; see serve_haproxy)."""
+    settings: dict[str, Any] = (
+        {"autoscaling_config": config.autoscaling.model_dump()} if config.autoscaling is not None
+        else {"num_replicas": config.num_replicas}
+    )
+    if config.max_ongoing_requests is not None:
+        settings["max_ongoing_requests"] = config.max_ongoing_requests
+    if config.max_queued_requests is not None:
+        settings["max_queued_requests"] = config.max_queued_requests
+        settings["backpressure_config"] = {"status_code": 503, "retry_after_s": RETRY_AFTER_S}
+    return settings
 
 
 _HEALTH_CHECK_PERIOD_S = 2.0
@@ -114,6 +134,8 @@ def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> None:
             problems.append(f"{key!r} is a config key of its own: set `{key}: ...` instead of engine_kwargs.{key}")
         elif key in ("model", "served_model_name"):
             problems.append(f"{key!r} is set by the config's `model` / `served_model_name` keys")
+        elif key in ("enable_lora", "lora_modules"):
+            problems.append(f"{key!r} is set by the config's `enable_lora` / `lora_adapters` keys")
         elif key not in known:
             problems.append(f"unknown vLLM engine argument {key!r}{did_you_mean(key, known)}")
         elif (adapter := known[key]) is not None:
@@ -130,7 +152,8 @@ def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> None:
 
 _NAMED_KEYS = (
     "tensor_parallel_size", "dtype", "gpu_memory_utilization", "enforce_eager", "trust_remote_code",
-    "load_format", "max_model_len", "download_dir", "enable_prefix_caching", "chat_template",
+    "load_format", "max_model_len", "download_dir", "enable_prefix_caching", "chat_template", "max_loras",
+    "max_lora_rank",
 )
 
 
