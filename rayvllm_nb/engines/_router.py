@@ -68,13 +68,15 @@ class SharedRouter:
         if name is None:
             served = ", ".join(sorted(table)) or "none"
             return error_response(400, f"Name the model in the request's `model` (served here: {served}).", "model")
-        prefix = table.get(name)
+        prefix = table.get(name) or (await self._current_routes(fresh=True)).get(name)
         if prefix is None:
             return error_response(404, f"The model `{name}` does not exist.", "model")
         return await self._forward(request, prefix, body)
 
-    async def _current_routes(self) -> dict[str, str]:
-        if time.monotonic() - self._routes_read_at > _ROUTES_TTL_S:
+    async def _current_routes(self, *, fresh: bool = False) -> dict[str, str]:
+        """The routes, read from the registry at most every second (``fresh``: now, e.g. for a name not
+        seen yet: a model or adapter added since the last read is routed at once, not 404'd)."""
+        if fresh or time.monotonic() - self._routes_read_at > _ROUTES_TTL_S:
             self._routes = await asyncio.to_thread(shared_endpoint.current_routes)
             self._routes_read_at = time.monotonic()
         return self._routes
