@@ -41,8 +41,11 @@ class AutoscalingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     min_replicas: int = Field(
-        default=1, ge=0,
-        description="Replicas kept when idle; 0 frees the model's resources (the next request then waits for a load).",
+        default=1, ge=1,
+        description=(
+            "Replicas kept when idle (at least 1: scaling to zero is not supported yet, because the HAProxy of "
+            "heads rayvllm_nb starts answers at once with a 503 when a model has no replica)."
+        ),
     )
     max_replicas: int = Field(
         ge=1, description="Most replicas under load; the cluster must hold this many (checked before deploying)."

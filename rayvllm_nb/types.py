@@ -140,8 +140,6 @@ class ModelStatus:
         if self.status == "FAILED":
             return self.message
         if self.ready and not self.last_failure:
-            if self.autoscaling.startswith("0-") and not self.replica_states.get("RUNNING"):
-                return "scaled to zero: the next request waits while a replica loads"
             return ""
         if self.last_failure:
             return f"last crash: {self.last_failure}"

@@ -201,6 +201,7 @@ def test_a_bad_override_is_blamed_on_the_override_not_the_file() -> None:
         (["autoscaling.max_replicas=2", "autoscaling.min_replicas=3"], "min_replicas (3) must not exceed"),
         (["autoscaling.max_replicas=2", "num_replicas=2"], "set num_replicas or autoscaling, not both"),
         (["autoscaling.min_replicas=1"], "autoscaling.max_replicas"),
+        (["autoscaling.max_replicas=2", "autoscaling.min_replicas=0"], "greater than or equal to 1"),
         (["max_queued_requests=4"], "max_queued_requests needs max_ongoing_requests"),
     ],
 )
@@ -216,7 +217,7 @@ def test_adapters_turn_lora_on_and_autoscaling_sets_the_most_replicas() -> None:
     plain = load_config("tiny-cpu")
     assert (plain.route_prefix, plain.lora_enabled, plain.max_replicas) == (None, False, 1)
     config = load_config("tiny-cpu", ["lora_adapters.hello=builtin:tiny-adapter", "max_lora_rank=8",
-                                      "autoscaling.max_replicas=3", "autoscaling.min_replicas=0"])
+                                      "autoscaling.max_replicas=3", "autoscaling.min_replicas=2"])
     assert config.lora_enabled and config.max_replicas == 3 and config.autoscaling is not None
     arguments = ServeLLMEngine().engine_arguments(config)
     assert arguments["enable_lora"] is True and arguments["max_lora_rank"] == 8
