@@ -111,8 +111,10 @@ class RayBackend:
         model_config = load_config(config, overrides)
         cluster = await self.initialize_ray()
         model_source = _resolve_model_source(model_config.model, cluster.is_local)
-        for adapter, path in model_config.lora_adapters.items():
-            _resolve_adapter_source(adapter, path, cluster.is_local)
+        adapters = {name: _resolve_adapter_source(name, path, cluster.is_local)
+                    for name, path in model_config.lora_adapters.items()}
+        if adapters != model_config.lora_adapters:  # local folders as absolute paths: the replicas' cwd differs
+            model_config = model_config.model_copy(update={"lora_adapters": adapters})
         deploying = asyncio.ensure_future(asyncio.to_thread(self._deploy, model_config, model_source, replace))
         try:
             await asyncio.shield(deploying)

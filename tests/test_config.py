@@ -222,3 +222,19 @@ def test_adapters_turn_lora_on_and_autoscaling_sets_the_most_replicas() -> None:
     arguments = ServeLLMEngine().engine_arguments(config)
     assert arguments["enable_lora"] is True and arguments["max_lora_rank"] == 8
     assert "enable_lora" not in ServeLLMEngine().engine_arguments(plain)
+
+
+def test_an_adapter_folder_becomes_absolute_and_a_hub_id_is_passed_on_as_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the replicas are told to load (a hub id is a plan here: no hub is reachable)."""
+    from rayvllm_nb.backend import _resolve_adapter_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "adapter_config.json").write_text("{}")
+    assert _resolve_adapter_source("hello", "./mine", cluster_is_local=True) == str(tmp_path / "mine")
+    assert _resolve_adapter_source("hello", "someone/their-adapter", cluster_is_local=True) == "someone/their-adapter"
+    assert _resolve_adapter_source("hello", "./mine", cluster_is_local=False) == "./mine", "checked on the nodes"
+    with pytest.raises(ConfigError, match="Invalid adapter name"):
+        _resolve_adapter_source("no spaces", "./mine", cluster_is_local=True)
