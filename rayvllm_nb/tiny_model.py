@@ -125,18 +125,7 @@ def make_tiny_model(path: str | os.PathLike[str], *, seed: int = 0, max_steps: i
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    batch = _training_batch(tokenizer, TINY_MODEL_REPLY)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(1, max_steps + 1):
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 20 == 0 and loss.item() < 0.01 and _answers_reply(model, tokenizer, TINY_MODEL_REPLY):
-            break
-    else:
-        raise RuntimeError(f"The tiny model did not learn its reply in {max_steps} steps.")
+    step = _train_until_it_answers(model, tokenizer, TINY_MODEL_REPLY, max_steps, "The tiny model", loss_below=0.01)
     with _staging(target) as staging:
         model.to(torch.bfloat16).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -165,18 +154,7 @@ def make_tiny_adapter(path: str | os.PathLike[str], *, seed: int = 0, max_steps:
         LlamaForCausalLM.from_pretrained(base, dtype=torch.float32),
         LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=_LORA_TARGETS),
     )
-    batch = _training_batch(tokenizer, TINY_ADAPTER_REPLY)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    for step in range(1, max_steps + 1):
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 20 == 0 and _answers_reply(model, tokenizer, TINY_ADAPTER_REPLY):
-            break
-    else:
-        raise RuntimeError(f"The tiny adapter did not learn its reply in {max_steps} steps.")
+    _train_until_it_answers(model, tokenizer, TINY_ADAPTER_REPLY, max_steps, "The tiny adapter")
     with _staging(target) as staging:
         model.save_pretrained(str(staging))
         config_file = staging / "adapter_config.json"
@@ -187,6 +165,29 @@ def make_tiny_adapter(path: str | os.PathLike[str], *, seed: int = 0, max_steps:
 
 
 _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _train_until_it_answers(
+    model: Any, tokenizer: PreTrainedTokenizerFast, answer: str, max_steps: int, what: str,
+    loss_below: float | None = None,
+) -> int:
+    """Train the trainable weights of ``model`` on chat examples answered with ``answer`` until greedy
+    decoding gives it (and the loss is below ``loss_below``); returns the steps it took."""
+    import torch
+
+    batch = _training_batch(tokenizer, answer)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for step in range(1, max_steps + 1):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 20 == 0 and (loss_below is None or loss.item() < loss_below) and _answers_reply(
+            model, tokenizer, answer
+        ):
+            return step
+    raise RuntimeError(f"{what} did not learn its reply in {max_steps} steps.")
 
 
 def _empty_target(path: str | os.PathLike[str], what: str) -> Path:

@@ -12,6 +12,7 @@ A model load costs about half a minute here, so modules that need a running mode
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -105,6 +106,17 @@ def shared_tiny(cluster: ClusterInfo) -> Iterator[ModelStatus]:
         yield status
     finally:
         if status.name in [m.name for m in rayvllm_nb.status().models]:
+            rayvllm_nb.stop(status.name)
+
+
+@contextlib.contextmanager
+def tiny_running(overrides: list[str]) -> Iterator[ModelStatus]:
+    """The tiny model started with ``overrides``, ready; stopped afterwards when it still runs."""
+    status = rayvllm_nb.start("tiny-cpu", overrides, wait_ready=True, timeout=600)
+    try:
+        yield status
+    finally:
+        if status.name in [model.name for model in rayvllm_nb.status().models]:
             rayvllm_nb.stop(status.name)
 
 

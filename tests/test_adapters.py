@@ -20,7 +20,7 @@ from rayvllm_nb.errors import ConfigError, DeploymentError, NotDeployedError
 from rayvllm_nb.tiny_model import TINY_ADAPTER_REF, tiny_adapter_path, tiny_model_path
 from rayvllm_nb.types import ClusterInfo, ModelStatus
 from rayvllm_nb.widget import Panel
-from tests.conftest import run_cli, serve_port
+from tests.conftest import run_cli, serve_port, tiny_running
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +31,9 @@ SAY_HELLO = [{"role": "user", "content": "Say hello."}]
 @pytest.fixture(scope="module")
 def lora_model(cluster: ClusterInfo) -> Iterator[ModelStatus]:
     """The tiny model with the tiny adapter (as `hello-adapter`) from its config, at the shared endpoint."""
-    status = rayvllm_nb.start(
-        "tiny-cpu", [f"served_model_name={NAME}", "max_model_len=512", "max_lora_rank=8",
-                     f'lora_adapters={{"hello-adapter": "{TINY_ADAPTER_REF}"}}'],
-        wait_ready=True, timeout=600,
-    )
-    try:
+    with tiny_running([f"served_model_name={NAME}", "max_model_len=512", "max_lora_rank=8",
+                       f"lora_adapters.hello-adapter={TINY_ADAPTER_REF}"]) as status:
         yield status
-    finally:
-        if NAME in [model.name for model in rayvllm_nb.status().models]:
-            rayvllm_nb.stop(NAME)
 
 
 def _answer(model: str) -> httpx.Response:

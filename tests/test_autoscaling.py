@@ -13,7 +13,7 @@ import pytest
 import rayvllm_nb
 from rayvllm_nb.errors import ConfigError
 from rayvllm_nb.types import ClusterInfo, ModelStatus
-from tests.conftest import serve_port
+from tests.conftest import serve_port, tiny_running
 
 pytestmark = pytest.mark.slow
 
@@ -24,18 +24,10 @@ NAME = "elastic"
 def elastic(cluster: ClusterInfo) -> Iterator[ModelStatus]:
     """The tiny model between 1 and 2 replicas (a replica per 2 ongoing requests, quick to react), each
     running at most 4 requests with 2 more queued."""
-    status = rayvllm_nb.start(
-        "tiny-cpu",
-        [f"served_model_name={NAME}", "max_model_len=2048", "autoscaling.max_replicas=2",
-         "autoscaling.upscale_delay_s=1", "autoscaling.downscale_delay_s=5", "max_ongoing_requests=4",
-         "max_queued_requests=2"],
-        wait_ready=True, timeout=600,
-    )
-    try:
+    with tiny_running([f"served_model_name={NAME}", "max_model_len=2048", "autoscaling.max_replicas=2",
+                       "autoscaling.upscale_delay_s=1", "autoscaling.downscale_delay_s=5", "max_ongoing_requests=4",
+                       "max_queued_requests=2"]) as status:
         yield status
-    finally:
-        if NAME in [model.name for model in rayvllm_nb.status().models]:
-            rayvllm_nb.stop(NAME)
 
 
 def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
