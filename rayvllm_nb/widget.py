@@ -57,7 +57,8 @@ class MessageBox(anywidget.AnyWidget):
 
 
 class LaunchArea(widgets.VBox):
-    """Pick a config and adjust it; Launch, Stop (which also cancels a launch), the progress line."""
+    """Pick a config and adjust it (a name of its own launches a second model beside the first, at the
+    same endpoint); Launch, Stop (which also cancels a launch), the progress line."""
 
     def __init__(self) -> None:
         configs = available_configs()
@@ -66,6 +67,8 @@ class LaunchArea(widgets.VBox):
         self.preview = widgets.Textarea(disabled=True, layout=widgets.Layout(width="100%"))
         self.model_override = widgets.Text(description="Model", placeholder="from config (or an HF id, a folder)",
                                            layout=widgets.Layout(width="100%"))
+        self.served_name = widgets.Text(description="Name", placeholder="from config: what clients pass as model",
+                                        layout=widgets.Layout(width="100%"))
         self.tensor_parallel = widgets.BoundedIntText(value=1, min=1, max=8, description="TP",
                                                       layout=widgets.Layout(width="140px"))
         self.device = widgets.Dropdown(options=["from config", "auto", "cpu", "gpu"], description="Device")
@@ -77,7 +80,7 @@ class LaunchArea(widgets.VBox):
         self.progress = widgets.HTML("Not connected: Launch connects to Ray.")
         self.cluster = widgets.HTML("")
         super().__init__([
-            widgets.HTML("<b>Launch</b>"), self.config, self.preview, self.model_override,
+            widgets.HTML("<b>Launch</b>"), self.config, self.preview, self.model_override, self.served_name,
             widgets.HBox([self.tensor_parallel, self.device, self.max_model_len]),
             widgets.HBox([self.launch, self.stop]), self.progress, self.cluster,
         ])
@@ -90,6 +93,8 @@ class LaunchArea(widgets.VBox):
             if not isinstance(target, dict):
                 raise ConfigError(f"{model!r} is a config, not a model: pick it under Config.")
             overrides["model"] = target["model"]
+        if name := self.served_name.value.strip():
+            overrides["served_model_name"] = name
         if self.device.value != "from config":
             overrides["device"] = self.device.value
         if text := self.max_model_len.value.strip():
@@ -215,6 +220,7 @@ class Panel(widgets.VBox):
         self.launch_area, self.status_area, self.chat_area = LaunchArea(), StatusArea(), ChatArea()
         area = self.launch_area
         self.config, self.preview, self.model_override = area.config, area.preview, area.model_override
+        self.served_name = area.served_name
         self.tensor_parallel, self.device, self.max_model_len = area.tensor_parallel, area.device, area.max_model_len
         self.launch, self.stop, self.progress, self.cluster = area.launch, area.stop, area.progress, area.cluster
         self.status, self.log_tail = self.status_area.status, self.status_area.log_tail

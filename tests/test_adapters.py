@@ -143,3 +143,27 @@ def test_the_panel_offers_the_models_adapters_and_answers_as_the_one_picked(lora
         assert panel.conversation.turns[-1] == {"role": "assistant", "content": TINY_MODEL_REPLY}
     finally:
         panel.close()
+
+
+def test_the_panel_launches_a_second_model_beside_the_first_at_the_same_endpoint(lora_model: ModelStatus) -> None:
+    panel = Panel(RayBackend())
+    try:
+        panel.config.value = "tiny-cpu"
+        panel.served_name.value = "beside"
+        panel.launch.click()
+        panel.wait(600)
+        assert panel.progress.value.startswith("beside ready at "), panel.progress.value
+        assert {NAME, "beside"} <= set(panel.model.options)
+        assert rayvllm_nb.model_status("beside").base_url == lora_model.base_url, "one endpoint for both"
+        panel.message.value = "Say hello."
+        panel.send.click()
+        panel.wait(120)
+        assert panel.conversation.turns[-1] == {"role": "assistant", "content": TINY_MODEL_REPLY}
+        panel.stop.click()
+        panel.wait(120)
+        assert [model.name for model in rayvllm_nb.status().models].count(NAME) == 1
+        assert "beside" not in [model.name for model in rayvllm_nb.status().models]
+    finally:
+        panel.close()
+        if "beside" in [model.name for model in rayvllm_nb.status().models]:
+            rayvllm_nb.stop("beside")

@@ -107,6 +107,13 @@ def test_answers_render_as_markdown_and_turns_are_told_apart_without_raw_html() 
     assert "column-reverse" in shown, "the newest turn is in view"
 
 
+def test_a_name_of_its_own_is_a_served_model_name_override() -> None:
+    area = LaunchArea()
+    assert "served_model_name" not in area.overrides()
+    area.served_name.value = " second "
+    assert area.overrides()["served_model_name"] == "second"
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
