@@ -45,7 +45,7 @@ _MODEL_ROUTING = """\
     # rayvllm_nb's shared endpoint: a POST under /v1/ goes to the own prefix of the model its JSON
     # body names (a model or adapter name -> that model's prefix, kept by rayvllm_nb's shared router).
     acl rayvllm_nb_shared path_beg /v1/
-    http-request wait-for-body time 1s if METH_POST rayvllm_nb_shared
+    http-request wait-for-body time 30s at-least 8k if METH_POST rayvllm_nb_shared
     http-request set-var(txn.rayvllm_nb_model) req.body,json_query('$.model') if METH_POST rayvllm_nb_shared
     http-request set-var(txn.rayvllm_nb_prefix) var(txn.rayvllm_nb_model),map({routes})
     http-request set-path %[var(txn.rayvllm_nb_prefix)]%[path] if {{ var(txn.rayvllm_nb_prefix) -m found }}

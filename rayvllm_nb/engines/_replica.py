@@ -43,7 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.serve.llm import LLMConfig, LLMServer
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rayvllm_nb._internal import cpu_placement, kv_cache, logs, ray_api, registry, vllm_api
@@ -293,7 +293,8 @@ class ServingGuard:
         self._expected = expected_authorization(api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health" and not scope["path"].startswith("/-/"):
+        path = get_route_path(scope)  # without the app's prefix (its own route_prefix, or the shared endpoint's)
+        if scope["type"] == "http" and path != "/health" and not path.startswith("/-/"):
             if not authorized(scope["headers"], self._expected):
                 await error_response(401, WRONG_KEY)(scope, receive, send)
                 return
