@@ -293,8 +293,8 @@ class ServingGuard:
         self._expected = expected_authorization(api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = get_route_path(scope)  # without the app's prefix (its own route_prefix, or the shared endpoint's)
-        if scope["type"] == "http" and path != "/health" and not path.startswith("/-/"):
+        # The route path: without the app's prefix (its own route_prefix, or its place at the shared endpoint).
+        if scope["type"] == "http" and (path := get_route_path(scope)) != "/health" and not path.startswith("/-/"):
             if not authorized(scope["headers"], self._expected):
                 await error_response(401, WRONG_KEY)(scope, receive, send)
                 return
