@@ -48,7 +48,7 @@ class ServeLLMEngine(Engine):
             placement_group_config={"bundles": plan.bundles, "strategy": plan.strategy},
             runtime_env=self._runtime_env(config, plan),
             deployment_config={
-                **_replica_count(config),
+                **_replica_settings(config),
                 # The replica actor asks for nothing itself, so the placement group is
                 # exactly the plan (Serve LLM would otherwise add a CPU to the first bundle).
                 "ray_actor_options": {"num_cpus": 0},
@@ -99,7 +99,7 @@ class ServeLLMEngine(Engine):
         return {"env_vars": env_vars}
 
 
-def _replica_count(config: ModelConfig) -> dict[str, Any]:
+def _replica_settings(config: ModelConfig) -> dict[str, Any]:
     """Serve's replica settings: a fixed count or its autoscaler, and the per-replica request bounds
     (a rejected request is Serve's 503, which our HAProxy makes OpenAI-shaped; see serve_haproxy)."""
     settings: dict[str, Any] = (
