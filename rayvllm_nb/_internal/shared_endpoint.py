@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from rayvllm_nb._internal import registry, serve_haproxy
+from rayvllm_nb._internal import cpu_placement, registry, serve_haproxy
 
 ROUTER_APP = "rayvllm-nb-router"
 """The Serve app of the shared endpoint's router (at ``/``)."""
@@ -106,12 +106,11 @@ def _send(socket_path: str, command: str) -> str:
 def _haproxy_configs(raylet_pid: str) -> set[Path]:
     """The config files of the HAProxy processes Serve runs for this node (its raylet's pid)."""
     configs = set()
-    for process in psutil.process_iter(["name", "cmdline"]):
+    for process in cpu_placement.serve_ingress_processes(raylet_pid):
         with contextlib.suppress(psutil.Error):
-            if process.info["name"] != "haproxy" or process.environ().get("RAY_RAYLET_PID") != raylet_pid:
-                continue
-            arguments = process.info["cmdline"] or []
-            for flag, value in itertools.pairwise(arguments):
+            if process.name() != "haproxy":
+                continue  # the actor that starts HAProxy
+            for flag, value in itertools.pairwise(process.cmdline()):
                 if flag == "-f" and os.path.isfile(value):
                     configs.add(Path(value))
     return configs

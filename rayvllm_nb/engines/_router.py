@@ -100,26 +100,25 @@ class SharedRouter:
     async def _list_models(self, request: Request, table: dict[str, str]) -> Response:
         """Every shared model's own ``/v1/models`` (vLLM lists its adapters there, with their parent)."""
         headers = {"authorization": request.headers["authorization"]} if "authorization" in request.headers else {}
-        answers = await asyncio.gather(
-            *(self._http.get(f"{self._upstream}{prefix}/v1/models", headers=headers, timeout=5.0)
-              for prefix in table.values()),
-            return_exceptions=True,
-        )
         cards: list[dict[str, Any]] = []
-        for answer in answers:
-            if isinstance(answer, httpx.Response) and answer.status_code == 200:
-                cards.extend(answer.json().get("data", []))
+        for answer in await self._ask_every_model(table, "/v1/models", headers):
+            cards.extend(answer.json().get("data", []))
         return JSONResponse({"object": "list", "data": cards})
 
     async def _health(self, table: dict[str, str]) -> Response:
         """200 when some model of the shared endpoint answers its health check, else 503."""
-        answers = await asyncio.gather(
-            *(self._http.get(f"{self._upstream}{prefix}/health", timeout=5.0) for prefix in table.values()),
-            return_exceptions=True,
-        )
-        if any(isinstance(answer, httpx.Response) and answer.status_code == 200 for answer in answers):
+        if await self._ask_every_model(table, "/health", {}):
             return JSONResponse({"status": "ok"})
         return error_response(503, "No model of the shared endpoint can serve right now.", retry_after=True)
+
+    async def _ask_every_model(self, table: dict[str, str], path: str, headers: dict[str, str]) -> list[httpx.Response]:
+        """GET ``path`` of every model in ``table`` at once; the answers that were 200."""
+        answers = await asyncio.gather(
+            *(self._http.get(f"{self._upstream}{prefix}{path}", headers=headers, timeout=5.0)
+              for prefix in set(table.values())),
+            return_exceptions=True,
+        )
+        return [answer for answer in answers if isinstance(answer, httpx.Response) and answer.status_code == 200]
 
     async def _keep_haproxy_in_sync(self) -> None:
         raylet = os.environ.get("RAY_RAYLET_PID", "")
