@@ -89,6 +89,22 @@ def serve_llm_callback_base() -> type:
     return CallbackBase
 
 
+def usage_stats_enabled() -> bool:
+    """Whether Ray's usage stats are on for this process (``ray._common.usage.usage_lib.usage_stats_enabled``:
+    ``RAY_USAGE_STATS_ENABLED`` or ``~/.ray/config.json``; heads rayvllm_nb starts turn them off)."""
+    from ray._common.usage.usage_lib import usage_stats_enabled
+
+    return bool(usage_stats_enabled())
+
+
+async def start_serve_llm_engine_quietly(server: Any) -> None:
+    """What Serve LLM's ``LLMServer._start_engine`` does (the hook ``engines/_replica`` overrides) but
+    its usage telemetry: that starts a detached ``TelemetryAgent`` actor (400 MB, never stopped) and
+    blocks the replica's event loop on it, even when usage stats are off. If Ray renames the hook,
+    the override is skipped and the actor comes back (tests/engines/test_replica.py checks it does not)."""
+    await server.engine.start()
+
+
 def serve_llm_serving_models(engine: Any) -> Any:
     """vLLM's ``OpenAIServingModels`` inside a Serve LLM replica's engine (``VLLMEngine._oai_models``,
     the registry vLLM's HTTP handlers share, per Ray's own comment). Without it, LoRA adapters

@@ -87,6 +87,14 @@ class VllmServer(LLMServer):
         await asyncio.to_thread(self._register, pinned, self._metrics_server.server_port)
         self._adapter_keeper = asyncio.create_task(self._keep_adapters()) if os.environ.get(LORA_ENV) else None
 
+    async def _start_engine(self) -> None:
+        """Serve LLM's engine start, without its usage telemetry when Ray's usage stats are off (see
+        ``ray_api.start_serve_llm_engine_quietly``)."""
+        if await asyncio.to_thread(ray_api.usage_stats_enabled):
+            await super()._start_engine()
+        else:
+            await ray_api.start_serve_llm_engine_quietly(self)
+
     async def _keep_adapters(self) -> None:
         """Keep the LoRA adapters this replica serves equal to the registry's, every second: a load
         (``rayvllm_nb.load_adapter``) reaches every replica, those started later included."""

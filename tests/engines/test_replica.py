@@ -6,6 +6,7 @@ import os
 
 import psutil
 import pytest
+from ray.util.state import list_actors
 
 import rayvllm_nb
 from rayvllm_nb._internal import cpu_placement
@@ -47,4 +48,7 @@ def test_a_head_rayvllm_nb_starts_runs_without_rays_own_metrics(shared_tiny: Mod
     raylet = psutil.Process(int(replica.environ()["RAY_RAYLET_PID"]))
     assert raylet.name() == "raylet" and raylet.environ().get("RAY_enable_metrics_collection") == "0", (
         "the raylet, and so every worker and agent it starts"
+    )
+    assert list_actors(filters=[("class_name", "=", "TelemetryAgent"), ("state", "=", "ALIVE")]) == [], (
+        "usage stats are off: Serve LLM's telemetry actor (400 MB, never stopped) was not started"
     )
