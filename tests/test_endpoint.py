@@ -1,5 +1,6 @@
-"""The Serve endpoint of a cluster of its own, as a user's shells see it: an API key, loopback-only
-listeners, a port taken by another program, and `ray stop --force` typed by hand between two serves.
+"""The Serve endpoint of a cluster of its own, as a user's shells see it: served through the Ray
+Client address and used through the GCS address, an API key, loopback-only listeners, a port taken
+by another program, and `ray stop --force` typed by hand between two serves.
 
 Everything runs through the `rayvllm` command in new processes against a second head on free
 ports (this test process stays connected to the tests' shared cluster).
@@ -39,10 +40,20 @@ def cli(address: str, *args: str, **env: str) -> subprocess.CompletedProcess[str
     return run_cli("--address", address, *args, env={"RAY_ADDRESS": "", **env})
 
 
+def client_address(address: str) -> str:
+    """The Ray Client address (``ray://``) of the head at ``address``, as `rayvllm cluster get-address
+    --client` prints it."""
+    printed = run_cli("cluster", "get-address", "--client", env={"RAY_ADDRESS": address})
+    assert printed.returncode == 0, printed.stderr
+    client = printed.stdout.strip().splitlines()[-1]
+    assert client.startswith("ray://"), printed.stdout
+    return client
+
+
 @pytest.fixture(scope="module")
 def keyed() -> Iterator[dict[str, Any]]:
     """A head of its own where serving first meets a port taken by another program (refused), then
-    serves the tiny model behind an API key (from an environment variable)."""
+    serves the tiny model behind an API key (from an environment variable) through Ray Client."""
     address = _head()
     port = free_port("127.0.0.1")
     try:
@@ -52,11 +63,13 @@ def keyed() -> Iterator[dict[str, Any]]:
             taken = squatter.getsockname()[1]
             refused = cli(address, "serve", "tiny-cpu", "--set", f"port={taken}")
         status_after_refusal = cli(address, "status").stdout
-        served = cli(address, "serve", "tiny-cpu", "--set", "served_model_name=keyed", "--set", f"port={port}",
+        client = client_address(address)
+        served = cli(client, "serve", "tiny-cpu", "--set", "served_model_name=keyed", "--set", f"port={port}",
                      "--set", "api_key_env=TEST_RAYVLLM_KEY", TEST_RAYVLLM_KEY=KEY)
         assert served.returncode == 0, served.stderr
-        yield {"address": address, "base": f"http://127.0.0.1:{port}", "serve_stdout": served.stdout,
-               "refused": refused, "taken": taken, "status_after_refusal": status_after_refusal}
+        yield {"address": address, "client": client, "base": f"http://127.0.0.1:{port}",
+               "serve_stdout": served.stdout, "refused": refused, "taken": taken,
+               "status_after_refusal": status_after_refusal}
     finally:
         stop_started_heads(address)
 
@@ -87,6 +100,16 @@ def test_a_new_shell_chats_with_the_key_it_never_saw(keyed: dict[str, Any]) -> N
     chat = cli(keyed["address"], "chat", "Say hello.")
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.strip() == TINY_MODEL_REPLY
+
+
+def test_served_through_ray_client_the_model_is_seen_and_read_through_either_address(keyed: dict[str, Any]) -> None:
+    assert f"keyed ready at {keyed['base']}/v1" in keyed["serve_stdout"]
+    status = cli(keyed["client"], "status")
+    assert status.returncode == 0 and "keyed: RUNNING (ready)" in status.stdout, status.stderr
+    logs = cli(keyed["client"], "logs", "-n", "200")
+    assert logs.returncode == 0 and "EngineCore" in logs.stdout, logs.stderr
+    apps = run_cli("cluster", "status", "--address", keyed["address"])
+    assert apps.returncode == 0 and "keyed: RUNNING" in apps.stdout, apps.stderr
 
 
 def test_another_key_for_a_second_model_is_refused(keyed: dict[str, Any]) -> None:
@@ -182,9 +205,10 @@ def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(key
         assert (chat.returncode, chat.stdout.strip()) == (0, TINY_MODEL_REPLY), chat.stderr
         assert "TTFT" in chat.stderr
         assert "again: RUNNING (ready)" in cli(second, "status").stdout
-        stopped = cli(second, "stop", "again")
+        stopped = cli(client_address(second), "stop", "again")
         assert (stopped.returncode, stopped.stdout.strip()) == (0, "stopped again"), stopped.stderr
-        assert "again" not in cli(second, "status").stdout
+        after = cli(second, "status")
+        assert "models   none" in after.stdout and "again" not in after.stdout, after.stdout
     finally:
         stop_started_heads(second)
 

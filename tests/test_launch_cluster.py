@@ -1,7 +1,7 @@
 """The cluster launcher on real Ray processes: a head from local_cpu.yaml on free ports, a
-second node joining from this machine, the tiny model deployed, watched and stopped through the
-GCS address and through Ray Client (ray://), and `cluster stop` ending exactly that head's
-processes (a user's vLLM beside it survives).
+second node joining from this machine, and `cluster stop` ending exactly that head's processes
+(a user's vLLM beside it survives). A model served through Ray Client (``ray://``) and used
+through the GCS address: tests/test_endpoint.py, on a head of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import httpx
 import psutil
 import pytest
 
-from rayvllm_nb import TINY_MODEL_REPLY
 from rayvllm_nb._internal import processes
 from rayvllm_nb._internal.net import free_port
 from tests.conftest import REPO, run_cli
@@ -201,38 +200,6 @@ def test_a_second_node_joins_from_this_machine(head: dict[str, Any]) -> None:
     assert "2 node(s) alive" in status.stdout
     assert "second_node            1 / 1" in status.stdout
     assert "CPU                    3 / 3" in status.stdout
-
-
-@pytest.mark.slow
-def test_tiny_model_through_ray_client_and_the_gcs_address(head: dict[str, Any]) -> None:
-    client, address = head["client"], head["address"]
-    serve_port = str(free_port("127.0.0.1"))
-    served = run_cli("--address", client, "serve", "tiny-cpu", "--set", "served_model_name=cluster-tiny",
-                     "--set", f"port={serve_port}")
-    assert served.returncode == 0, served.stderr
-    assert f"cluster-tiny ready at http://127.0.0.1:{serve_port}/v1" in served.stdout
-    try:
-        chat = run_cli("--address", address, "chat", "Say hello.")
-        assert chat.returncode == 0, chat.stderr
-        assert chat.stdout.strip() == TINY_MODEL_REPLY
-
-        for target in (client, address):
-            status = run_cli("--address", target, "status")
-            assert status.returncode == 0, status.stderr
-            assert "cluster-tiny: RUNNING (ready)" in status.stdout
-
-        logs = run_cli("--address", client, "logs", "-n", "200")
-        assert logs.returncode == 0, logs.stderr
-        assert "EngineCore" in logs.stdout
-
-        apps = run_cli("cluster", "status", "--address", address)
-        assert "cluster-tiny: RUNNING" in apps.stdout
-    finally:
-        stopped = run_cli("--address", client, "stop", "cluster-tiny")
-    assert stopped.returncode == 0, stopped.stderr
-    assert "stopped cluster-tiny" in stopped.stdout
-    after = run_cli("--address", address, "status")
-    assert "models   none" in after.stdout
 
 
 @pytest.mark.slow
