@@ -161,13 +161,12 @@ class RayBackend:
         try:
             application = engine.build_application(config, model_source, plan)
             ray_api.deploy_without_waiting(application, record.app_name, prefix)
-            if shared_endpoint.is_shared(record):
+            if shared_endpoint.needs_router(record):
                 _ensure_router()
         except Exception:
             engine.release(config.name)
             registry.forget_model(config.name)
-            if not shared_endpoint.current_routes():
-                _delete_router()
+            _delete_router_when_unneeded()
             raise
         self._started_here.add(config.name)
 
@@ -389,15 +388,15 @@ class RayBackend:
         return record.name
 
     def _delete(self, record: registry.DeploymentRecord, *, keep_router: bool = False) -> None:
-        """Delete the model's app; the shared endpoint's router goes with the last model it routes to."""
+        """Delete the model's app; the shared endpoint's router goes with the last model that needs it."""
         from ray import serve
 
         serve.delete(record.app_name, _blocking=True)
         get_engine(record.config["engine"]).release(record.name)
         registry.forget_model(record.name)
         self._started_here.discard(record.name)
-        if not keep_router and not shared_endpoint.current_routes():
-            _delete_router()
+        if not keep_router:
+            _delete_router_when_unneeded()
 
     async def shutdown(self) -> ShutdownReport:
         """Stop what this process started: its models, Serve, and the local cluster if it started it;
@@ -512,9 +511,12 @@ def _ensure_router() -> None:
         ray_api.deploy_without_waiting(build_router_application(), shared_endpoint.ROUTER_APP, "/")
 
 
-def _delete_router() -> None:
+def _delete_router_when_unneeded() -> None:
+    """Delete the router unless a model still needs it (``shared_endpoint.needs_router``)."""
     from ray import serve
 
+    if any(shared_endpoint.needs_router(record) for record in registry.models()):
+        return
     details = ray_api.serve_details() or {}
     if shared_endpoint.ROUTER_APP in (details.get("applications") or {}):
         serve.delete(shared_endpoint.ROUTER_APP, _blocking=True)
@@ -657,6 +659,7 @@ def _status_of(record: registry.DeploymentRecord, details: dict[str, Any] | None
             f"{autoscaling['min_replicas']}-{autoscaling['max_replicas']} replicas, "
             f"{autoscaling['target_ongoing_requests']:g} requests each" if autoscaling else ""
         ),
+        scales_to_zero=shared_endpoint.scales_to_zero(record),
     )
 
 

@@ -41,10 +41,10 @@ class AutoscalingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     min_replicas: int = Field(
-        default=1, ge=1,
+        default=1, ge=0,
         description=(
-            "Replicas kept when idle (at least 1: scaling to zero is not supported yet, because the HAProxy of "
-            "heads rayvllm_nb starts answers at once with a 503 when a model has no replica)."
+            "Replicas kept when idle. 0 scales the model to zero: it still loads once at start, goes when idle, "
+            "and the next request waits while a replica loads."
         ),
     )
     max_replicas: int = Field(
@@ -60,12 +60,27 @@ class AutoscalingConfig(BaseModel):
     downscale_delay_s: float = Field(
         default=600.0, ge=0, description="Seconds the load must stay below the target before a replica goes."
     )
+    downscale_to_zero_delay_s: float | None = Field(
+        default=None, ge=0,
+        description=(
+            "Seconds a model with min_replicas 0 stays idle before its last replica goes (unset: downscale_delay_s)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _min_within_max(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        if self.downscale_to_zero_delay_s is not None and self.min_replicas > 0:
+            raise ValueError(
+                "downscale_to_zero_delay_s needs min_replicas: 0 (it is how long an idle model keeps its last replica)"
+            )
         return self
+
+    @property
+    def scales_to_zero(self) -> bool:
+        """Whether an idle model gives up its last replica."""
+        return self.min_replicas == 0
 
 
 class ModelConfig(BaseModel):

@@ -111,10 +111,19 @@ class ModelStatus:
     """LoRA adapters its replicas serve (clients pass the name as ``model``): name -> folder or HF id."""
     autoscaling: str = ""
     """The autoscaler's bounds and target when the model has one, e.g. "1-2 replicas, 2 requests each"."""
+    scales_to_zero: bool = False
+    """Whether it gives up its last replica when idle (``autoscaling.min_replicas: 0``)."""
+
+    @property
+    def scaled_to_zero(self) -> bool:
+        """Idle with no replica: the next request waits while one loads."""
+        return self.scales_to_zero and not self.replica_states
 
     def replicas_text(self) -> str:
         """Its replicas by state, and the autoscaler's bounds when it has one."""
         states = ", ".join(f"{state}={count}" for state, count in sorted(self.replica_states.items())) or "-"
+        if self.scaled_to_zero:
+            states = "none: scaled to zero, the next request waits for a replica to load"
         return f"{states} (autoscaling {self.autoscaling})" if self.autoscaling else states
 
     def summary(self) -> str:

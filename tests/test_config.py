@@ -201,7 +201,9 @@ def test_a_bad_override_is_blamed_on_the_override_not_the_file() -> None:
         (["autoscaling.max_replicas=2", "autoscaling.min_replicas=3"], "min_replicas (3) must not exceed"),
         (["autoscaling.max_replicas=2", "num_replicas=2"], "set num_replicas or autoscaling, not both"),
         (["autoscaling.min_replicas=1"], "autoscaling.max_replicas"),
-        (["autoscaling.max_replicas=2", "autoscaling.min_replicas=0"], "greater than or equal to 1"),
+        (["autoscaling.max_replicas=2", "autoscaling.min_replicas=-1"], "greater than or equal to 0"),
+        (["autoscaling.max_replicas=2", "autoscaling.downscale_to_zero_delay_s=5"],
+         "downscale_to_zero_delay_s needs min_replicas: 0"),
         (["max_queued_requests=4"], "max_queued_requests needs max_ongoing_requests"),
     ],
 )
@@ -222,6 +224,20 @@ def test_adapters_turn_lora_on_and_autoscaling_sets_the_most_replicas() -> None:
     arguments = ServeLLMEngine().engine_arguments(config)
     assert arguments["enable_lora"] is True and arguments["max_lora_rank"] == 8
     assert "enable_lora" not in ServeLLMEngine().engine_arguments(plain)
+
+
+def test_a_model_that_scales_to_zero_loads_one_replica_at_start_and_gives_it_up_when_idle() -> None:
+    """The plan Serve is sent: its autoscaler between 0 and the most, one replica at first."""
+    from rayvllm_nb.engines.serve_llm import _replica_settings
+
+    config = load_config("tiny-cpu", ["autoscaling.min_replicas=0", "autoscaling.max_replicas=2",
+                                      "autoscaling.downscale_to_zero_delay_s=20"])
+    assert config.autoscaling is not None and config.autoscaling.scales_to_zero
+    autoscaling = _replica_settings(config)["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["initial_replicas"], autoscaling["max_replicas"]) == (0, 1, 2)
+    assert autoscaling["downscale_to_zero_delay_s"] == 20
+    kept = _replica_settings(load_config("tiny-cpu", ["autoscaling.max_replicas=2"]))["autoscaling_config"]
+    assert "initial_replicas" not in kept and "downscale_to_zero_delay_s" not in kept
 
 
 def test_an_adapter_folder_becomes_absolute_and_a_hub_id_is_passed_on_as_is(

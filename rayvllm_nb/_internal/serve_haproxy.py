@@ -11,7 +11,8 @@ the command line). The edits, each checked by the tests against Ray 2.60.0's out
   fight over those ports;
 - a backend whose replicas are all down falls back to the head's Serve proxy, which holds a request
   until a replica is back (a minute when a vLLM engine restarts): that ``backup`` line goes, so
-  HAProxy answers at once;
+  HAProxy answers at once; except in the backends of models that scale to zero (``HOLD_LIST``,
+  beside the config; kept by the shared router): there the proxy's hold is what wakes the model;
 - HAProxy's own 502/503/504 become Serve's plain-text 500: ours are OpenAI-shaped JSON, 503 with
   ``Retry-After`` (no replica can serve now: retry) and 504;
 - Serve's plain-text backpressure 503 (a model's ``max_queued_requests`` reached) becomes an
@@ -36,6 +37,7 @@ from pathlib import Path
 RETRY_AFTER_S = 5
 _REMOVED_SECTIONS = re.compile(r"^(?:frontend prometheus|listen stats)\n(?:[ \t]+.*\n?)*", re.MULTILINE)
 _FALLBACK_SERVER = re.compile(r"^[ \t]*#[^\n]*[Ff]allback[^\n]*\n[ \t]*server \S+ \S+ check backup\n", re.MULTILINE)
+_BACKEND_SECTION = re.compile(r"^backend (\S+)\n(?:[ \t]+.*\n?|\n)*", re.MULTILINE)
 _ERROR_FILE = re.compile(r"^([ \t]*errorfile (50[234])) \S+$", re.MULTILINE)
 _ERROR_FILES = {"502": "503.http", "503": "503.http", "504": "504.http"}
 _FIRST_ROUTING_RULE = re.compile(r"^[ \t]+(?:use_backend|default_backend) ", re.MULTILINE)
@@ -54,6 +56,8 @@ _MODEL_ROUTING = """\
 if {{ status 503 }} {{ res.hdr(content-type) -m beg text/plain }}
 """
 BACKPRESSURE_BODY = "backpressure.json"
+HOLD_LIST = "rayvllm-nb-hold.list"
+"""The hold list's file name (beside HAProxy's config): a backend name per line whose fallback stays."""
 
 
 def routes_map(config: Path) -> Path:
@@ -61,10 +65,25 @@ def routes_map(config: Path) -> Path:
     return config.with_name(ROUTES_MAP)
 
 
-def patch_config(text: str, error_dir: Path, routes: Path) -> str:
-    """The config HAProxy runs: ``text`` (as Serve rendered it) with the edits of the module docstring."""
+def hold_list(config: Path) -> Path:
+    """The hold list of the HAProxy that runs ``config``."""
+    return config.with_name(HOLD_LIST)
+
+
+def backend_name(app_name: str) -> str:
+    """The name Serve gives the HAProxy backend of the HTTP app ``app_name`` (``get_safe_name`` in
+    ``ray/serve/_private/haproxy.py``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"http-{app_name}".replace("#", "-").replace("/", "."))
+
+
+def patch_config(text: str, error_dir: Path, routes: Path, held: frozenset[str] = frozenset()) -> str:
+    """The config HAProxy runs: ``text`` (as Serve rendered it) with the edits of the module docstring;
+    ``held``: the backends that keep their fallback."""
     text = _REMOVED_SECTIONS.sub("", text)
-    text = _FALLBACK_SERVER.sub("", text)
+    text = _BACKEND_SECTION.sub(
+        lambda section: section.group(0) if section.group(1) in held else _FALLBACK_SERVER.sub("", section.group(0)),
+        text,
+    )
     text = _ERROR_FILE.sub(lambda match: f"{match.group(1)} {error_dir / _ERROR_FILES[match.group(2)]}", text)
     first_rule = _FIRST_ROUTING_RULE.search(text)
     if first_rule is None:
@@ -120,7 +139,9 @@ def _main(argv: list[str]) -> None:
             routes = routes_map(config)
             if not routes.exists():
                 routes.write_text("")
-            config.write_text(patch_config(config.read_text(), error_dir, routes))
+            hold = hold_list(config)
+            held = frozenset(hold.read_text().split()) if hold.exists() else frozenset()
+            config.write_text(patch_config(config.read_text(), error_dir, routes, held))
     os.execv(real_binary, [real_binary, *arguments])
 
 

@@ -6,8 +6,10 @@ a router app at ``/`` (``engines/_router``) lists the models, answers unknown na
 OpenAI-shaped 404 and forwards what it receives to the model's prefix. On heads rayvllm_nb
 starts, HAProxy sends most requests to the model's prefix itself (``serve_haproxy``), reading
 the name from the body through a routes map that the router keeps equal to the registry
-(``sync_haproxy_routes``): no Python process in between, so the shared URL costs the direct path
-nothing measurable (docs/performance.md).
+(``sync_haproxy``): no Python process in between, so the shared URL costs the direct path
+nothing measurable (docs/performance.md). The router also keeps HAProxy's hold list: the models
+that scale to zero, whose requests must wait for a replica instead of a fast 503 (so it also runs
+for such a model with a ``route_prefix`` of its own).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -43,6 +46,41 @@ def is_shared(record: registry.DeploymentRecord) -> bool:
     return record.config.get("route_prefix") is None
 
 
+def scales_to_zero(record: registry.DeploymentRecord) -> bool:
+    """Whether the model gives up its last replica when idle (``autoscaling.min_replicas: 0``)."""
+    autoscaling = record.config.get("autoscaling") or {}
+    return autoscaling.get("min_replicas") == 0
+
+
+def needs_router(record: registry.DeploymentRecord) -> bool:
+    """Whether the router must run for this model: it routes the shared endpoint, and it keeps the
+    HAProxy hold list that lets a request wake a model scaled to zero."""
+    return is_shared(record) or scales_to_zero(record)
+
+
+def held_backends(records: Iterable[registry.DeploymentRecord]) -> frozenset[str]:
+    """The HAProxy backends that keep Serve's holding fallback: those of models that scale to zero."""
+    return frozenset(serve_haproxy.backend_name(record.app_name) for record in records if scales_to_zero(record))
+
+
+def asleep_cards() -> dict[str, list[dict[str, Any]]]:
+    """OpenAI model cards of the shared models scaled to zero now (no live replica), by their prefix, as
+    vLLM lists them (the model, then its adapters with their ``parent``): listing must not wake a model."""
+    cards: dict[str, list[dict[str, Any]]] = {}
+    for record in registry.models():
+        if not (is_shared(record) and scales_to_zero(record)):
+            continue
+        if any(not replica.ended for replica in registry.replicas(record.name)):
+            continue
+        card = {"object": "model", "created": int(record.started_at), "owned_by": "vllm"}
+        cards[record.route_prefix] = [
+            {"id": record.name, **card, "root": record.config["model"], "parent": None},
+            *({"id": name, **card, "root": path, "parent": record.name}
+              for name, path in registry.adapters(record.name).items()),
+        ]
+    return cards
+
+
 def routes(records: Iterable[registry.DeploymentRecord], adapter_owners: Mapping[str, str]) -> dict[str, str]:
     """Served name -> own prefix, for every model at the shared endpoint and each of its LoRA
     adapters (``adapter_owners``: adapter name -> model name)."""
@@ -61,10 +99,12 @@ def map_text(table: Mapping[str, str]) -> str:
     return "".join(f"{name} {prefix}\n" for name, prefix in sorted(table.items()) if _MAP_KEY.match(name))
 
 
-def sync_haproxy_routes(table: Mapping[str, str], raylet_pid: str) -> list[Path]:
+def sync_haproxy(table: Mapping[str, str], held: frozenset[str], raylet_pid: str) -> list[Path]:
     """Make the routes map of this node's rayvllm_nb-patched HAProxy equal ``table``: the file (read on
-    every HAProxy reload) and the running process (through its admin socket). Returns the maps
-    updated; none on a node without such a HAProxy (requests then all go through the router)."""
+    every HAProxy reload) and the running process (through its admin socket); and its hold list
+    ``held`` (read on every reload: Serve reloads HAProxy whenever a model's replicas change, so
+    before a model scales to zero). Returns the maps updated; none on a node without such a HAProxy
+    (requests then all go through the router)."""
     text = map_text(table)
     updated = []
     for config in _haproxy_configs(raylet_pid):
@@ -73,16 +113,24 @@ def sync_haproxy_routes(table: Mapping[str, str], raylet_pid: str) -> list[Path]
             config_text = config.read_text()
             if str(routes_file) not in config_text:
                 continue
-            if routes_file.exists() and routes_file.read_text() == text:
+            _write_if_changed(serve_haproxy.hold_list(config), "".join(f"{name}\n" for name in sorted(held)))
+            if not _write_if_changed(routes_file, text):
                 continue
-            temporary = routes_file.with_suffix(".tmp")
-            temporary.write_text(text)
-            temporary.replace(routes_file)
             admin = re.search(r"^\s*stats socket (\S+)", config_text, re.MULTILINE)
             if admin is not None:
                 _send(admin.group(1), _replace_map_commands(routes_file, text))
             updated.append(routes_file)
     return updated
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    """Replace the file at ``path`` with ``text`` at once (HAProxy may read it any time) unless it holds it."""
+    if path.exists() and path.read_text() == text:
+        return False
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+    return True
 
 
 def _replace_map_commands(routes_file: Path, text: str) -> str:

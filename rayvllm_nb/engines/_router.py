@@ -4,8 +4,9 @@ It answers what HAProxy's fast path leaves to it: ``GET /v1/models`` (every shar
 adapters, each model's own list), ``/health``, a model that is not there (OpenAI-shaped 404), a
 request naming no model, and requests HAProxy could not route (a body beyond its buffer, a
 cluster without rayvllm_nb's HAProxy), which it forwards to the model's own prefix through the
-local Serve endpoint, streaming. Every second it makes HAProxy's routes map equal to the
-registry. It imports neither vLLM nor torch: it starts in a few seconds.
+local Serve endpoint, streaming. Every second it makes HAProxy's routes map, and its hold list
+(models that scale to zero), equal to the registry. It imports neither vLLM nor torch: it starts
+in a few seconds.
 """
 
 from __future__ import annotations
@@ -98,24 +99,27 @@ class SharedRouter:
                                  background=BackgroundTask(answer.aclose))
 
     async def _list_models(self, request: Request, table: dict[str, str]) -> Response:
-        """Every shared model's own ``/v1/models`` (vLLM lists its adapters there, with their parent)."""
+        """Every shared model's own ``/v1/models`` (vLLM lists its adapters there, with their parent);
+        a model scaled to zero is listed from the registry, not woken."""
         headers = {"authorization": request.headers["authorization"]} if "authorization" in request.headers else {}
-        cards: list[dict[str, Any]] = []
-        for answer in await self._ask_every_model(table, "/v1/models", headers):
+        asleep = await asyncio.to_thread(shared_endpoint.asleep_cards)
+        cards = [card for prefix in sorted(asleep) for card in asleep[prefix]]
+        for answer in await self._ask_every_model(set(table.values()) - set(asleep), "/v1/models", headers):
             cards.extend(answer.json().get("data", []))
         return JSONResponse({"object": "list", "data": cards})
 
     async def _health(self, table: dict[str, str]) -> Response:
-        """200 when some model of the shared endpoint answers its health check, else 503."""
-        if await self._ask_every_model(table, "/health", {}):
+        """200 when some model of the shared endpoint answers its health check or waits scaled to zero
+        (a request wakes it), else 503."""
+        asleep = await asyncio.to_thread(shared_endpoint.asleep_cards)
+        if asleep or await self._ask_every_model(set(table.values()), "/health", {}):
             return JSONResponse({"status": "ok"})
         return error_response(503, "No model of the shared endpoint can serve right now.", retry_after=True)
 
-    async def _ask_every_model(self, table: dict[str, str], path: str, headers: dict[str, str]) -> list[httpx.Response]:
-        """GET ``path`` of every model in ``table`` at once; the answers that were 200."""
+    async def _ask_every_model(self, prefixes: set[str], path: str, headers: dict[str, str]) -> list[httpx.Response]:
+        """GET ``path`` under each model prefix at once; the answers that were 200."""
         answers = await asyncio.gather(
-            *(self._http.get(f"{self._upstream}{prefix}{path}", headers=headers, timeout=5.0)
-              for prefix in set(table.values())),
+            *(self._http.get(f"{self._upstream}{prefix}{path}", headers=headers, timeout=5.0) for prefix in prefixes),
             return_exceptions=True,
         )
         return [answer for answer in answers if isinstance(answer, httpx.Response) and answer.status_code == 200]
@@ -125,7 +129,8 @@ class SharedRouter:
         while True:
             try:
                 table = await self._current_routes()
-                await asyncio.to_thread(shared_endpoint.sync_haproxy_routes, table, raylet)
+                held = await asyncio.to_thread(lambda: shared_endpoint.held_backends(registry.models()))
+                await asyncio.to_thread(shared_endpoint.sync_haproxy, table, held, raylet)
             except Exception:  # HAProxy's map is an optimisation: the router serves meanwhile
                 _logger.exception("Could not update HAProxy's routes map; requests go through the router.")
             await asyncio.sleep(_ROUTES_TTL_S)

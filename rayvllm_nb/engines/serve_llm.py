@@ -101,11 +101,14 @@ class ServeLLMEngine(Engine):
 
 def _replica_settings(config: ModelConfig) -> dict[str, Any]:
     """Serve's replica settings: a fixed count or its autoscaler, and the per-replica request bounds
-    (a rejected request is Serve's 503, which our HAProxy makes OpenAI-shaped; see serve_haproxy)."""
-    settings: dict[str, Any] = (
-        {"autoscaling_config": config.autoscaling.model_dump()} if config.autoscaling is not None
-        else {"num_replicas": config.num_replicas}
-    )
+    (a rejected request is Serve's 503, which our HAProxy makes OpenAI-shaped; see serve_haproxy). A model
+    scaling to zero keeps Serve's holding fallback in HAProxy (see serve_haproxy), which wakes it."""
+    settings: dict[str, Any] = {"num_replicas": config.num_replicas}
+    if config.autoscaling is not None:
+        autoscaling = config.autoscaling.model_dump(exclude_none=True)
+        if config.autoscaling.scales_to_zero:
+            autoscaling["initial_replicas"] = 1  # load once at start: a broken config fails then, not at first use
+        settings = {"autoscaling_config": autoscaling}
     if config.max_ongoing_requests is not None:
         settings["max_ongoing_requests"] = config.max_ongoing_requests
     if config.max_queued_requests is not None:

@@ -29,13 +29,20 @@ frontend http_frontend
     bind 127.0.0.1:{port}
     acl is_http-shared path_beg /shared/
     acl is_http-shared path /shared
+    acl is_http-sleepy path_beg /sleepy/
     # Static routing based on path prefixes in decreasing length then alphabetical order
     use_backend http-shared if is_http-shared
+    use_backend http-sleepy if is_http-sleepy
     default_backend default_backend
 backend default_backend
     http-request return status 404 content-type text/plain lf-string "Path not found."
 backend http-shared
     server replica 127.0.0.1:1 check
+    # Fallback to head node's Serve proxy when no ingress replicas are available
+    server fallback 127.0.0.1:2 check backup
+backend http-sleepy
+    # Fallback to head node's Serve proxy when no ingress replicas are available
+    server fallback 127.0.0.1:2 check backup
 """
 
 
@@ -75,3 +82,18 @@ def test_haproxy_accepts_the_config_our_wrapper_makes_with_model_routing_before_
     checked = subprocess.run([get_haproxy_binary(), "-c", "-f", str(tmp_path / "haproxy.cfg")],
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_only_the_backends_of_models_that_scale_to_zero_keep_the_fallback_that_holds_requests(tmp_path: Path) -> None:
+    from ray.serve._private.haproxy import HAProxyManager
+
+    records = [_record("shared", "/shared"), _record("sleepy", "/sleepy")]
+    records[1].config["autoscaling"] = {"min_replicas": 0, "max_replicas": 1}
+    held = shared_endpoint.held_backends(records)
+    assert held == {"http-sleepy"} and serve_haproxy.backend_name("a/b#c") == HAProxyManager.get_safe_name("http-a/b#c")
+    routes = serve_haproxy.routes_map(tmp_path / "haproxy.cfg")
+    patched = serve_haproxy.patch_config(RENDERED.format(folder=tmp_path, port=18000), tmp_path, routes, held)
+    sleepy = patched[patched.index("backend http-sleepy"):]
+    assert "server fallback 127.0.0.1:2 check backup" in sleepy, "a model scaled to zero waits for its replica"
+    shared = patched[patched.index("backend http-shared"):patched.index("backend http-sleepy")]
+    assert "backup" not in shared, "a model with replicas answers a fast 503 when they are all down"
