@@ -37,6 +37,7 @@ from rayvllm_nb.types import ModelMetrics, ModelStatus, Progress, Status
 
 _WATCH_S = 2.0
 _FULL_LOOK_EVERY = 3
+_LOOK_TIMEOUT_S = 8.0
 _DISPLAY_INTERVAL_S = 0.05
 _WIDE = {"description_width": "initial"}
 _MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
@@ -268,12 +269,14 @@ class Panel(widgets.VBox):
     async def _watch(self) -> None:
         """Every 2 s the shown model's live metrics, every 6 s the whole state (what runs, shown as it
         is): the status read costs the cluster more than the metrics read costs the replica. Asks Ray
-        only once this process is connected."""
+        only once this process is connected. A look that hangs (a cluster going away under it) is
+        given up after a while, so a shutdown is always shown."""
         looks = 0
         while True:
             with contextlib.suppress(Exception):  # a failed look is retried; the next one shows the state
-                if looks % _FULL_LOOK_EVERY == 0 or not await self._glance():
-                    await self._look()
+                async with asyncio.timeout(_LOOK_TIMEOUT_S):
+                    if looks % _FULL_LOOK_EVERY == 0 or not await self._glance():
+                        await self._look()
             looks += 1
             await asyncio.sleep(_WATCH_S)
 
@@ -308,6 +311,8 @@ class Panel(widgets.VBox):
             self._model = None
             self.progress.value = _failed(f"the Ray cluster does not answer: {error}")
             self._set_buttons()
+            return
+        if self._backend.cluster is None:  # shut down while reading: the next look says so
             return
         self._show_status(status)
         if launching:
