@@ -170,11 +170,12 @@ def test_every_listener_of_haproxy_the_replica_and_vllm_is_on_loopback(keyed: di
 
 
 def _speaks_http(ip: str, port: int) -> bool:
-    """Whether the listener answers a plain HTTP/1.1 request (gRPC servers do not)."""
+    """Whether the listener answers a plain HTTP/1.1 request (gRPC servers do not). The path is one no
+    server has, answered at once (a health check would wait for the engine)."""
     host = "127.0.0.1" if ip in ("0.0.0.0", "::") else ip
     try:
-        with socket.create_connection((host, port), timeout=3) as connection:
-            connection.sendall(b"GET /health HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+        with socket.create_connection((host, port), timeout=1.5) as connection:
+            connection.sendall(b"GET /no-such-path HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
             return connection.recv(16).startswith(b"HTTP/1.")
     except OSError:
         return False
