@@ -123,7 +123,21 @@ def start_head(config: ClusterConfig) -> str:
         )
     address = f"{config.node_ip_address or ray_api.node_ip_address()}:{config.port}"
     processes.record_head(address, starter.pid, log_file)
+    _wait_for_listener(config.ray_client_server_port, _CLIENT_SERVER_WAIT_S)
     return address
+
+
+_CLIENT_SERVER_WAIT_S = 30.0
+
+
+def _wait_for_listener(port: int, timeout: float) -> None:
+    """Wait until ``port`` is taken: `ray start` returns before its Ray Client server listens. Then the
+    printed ``ray://`` address answers, and a head started next sees the port taken (two heads' Ray
+    Client servers once shared one port here, gRPC binds with SO_REUSEPORT, and a `serve` through
+    one address deployed on the other head). Gives up quietly after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while bind_error("0.0.0.0", port) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _haproxy_wrapper() -> Path:
