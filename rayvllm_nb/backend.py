@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import importlib.metadata
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from rayvllm_nb._internal.readiness import ReadinessWatcher
 from rayvllm_nb.config import ModelConfig, _looks_like_path, check_adapter_name, load_config
 from rayvllm_nb.engines import get_engine
 from rayvllm_nb.engines._router import build_router_application
-from rayvllm_nb.errors import ConfigError, DeploymentError, NotDeployedError, ReadinessTimeout
+from rayvllm_nb.errors import ClusterError, ConfigError, DeploymentError, NotDeployedError, ReadinessTimeout
 from rayvllm_nb.placement import PlacementPlan, plan_placement
 from rayvllm_nb.tiny_model import TINY_ADAPTER_REF, TINY_MODEL_REF
 from rayvllm_nb.types import ClusterInfo, ModelMetrics, ModelStatus, Progress, ReplicaInfo, ShutdownReport, Status
@@ -77,6 +78,17 @@ class RayBackend:
         """
         return await asyncio.to_thread(self._connect, address, num_cpus, num_gpus, start_local)
 
+    @contextlib.contextmanager
+    def connected_only(self) -> Iterator[None]:
+        """Calls made inside (in this task or thread) use this process's connection and never make
+        one: a background watcher must not reconnect a cluster the user just shut down (they raise
+        ClusterError while not connected)."""
+        token = _CONNECTED_ONLY.set(True)
+        try:
+            yield
+        finally:
+            _CONNECTED_ONLY.reset(token)
+
     def _connect(
         self, address: str | None, num_cpus: int | None, num_gpus: int | None, start_local: bool
     ) -> ClusterInfo:
@@ -85,6 +97,8 @@ class RayBackend:
         with self._connect_lock:
             if self._cluster is not None and ray.is_initialized():
                 return self._cluster
+            if _CONNECTED_ONLY.get():
+                raise ClusterError("Not connected to Ray (shut down).")
             if ray.is_initialized():
                 self._cluster = _cluster.describe("existing-local", ray.get_runtime_context().gcs_address, None)
             else:
@@ -469,6 +483,10 @@ class RayBackend:
                 return record
         running = ", ".join(r.name for r in records) or "none"
         raise NotDeployedError(f"No model named {name!r} is deployed (running: {running}).")
+
+
+_CONNECTED_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("rayvllm_nb_connected_only", default=False)
+"""Set by :meth:`RayBackend.connected_only`."""
 
 
 def serve_address(config: ModelConfig, running: tuple[str, int] | None) -> tuple[str, int]:

@@ -272,13 +272,14 @@ class Panel(widgets.VBox):
         only once this process is connected. A look that hangs (a cluster going away under it) is
         given up after a while, so a shutdown is always shown."""
         looks = 0
-        while True:
-            with contextlib.suppress(Exception):  # a failed look is retried; the next one shows the state
-                async with asyncio.timeout(_LOOK_TIMEOUT_S):
-                    if looks % _FULL_LOOK_EVERY == 0 or not await self._glance():
-                        await self._look()
-            looks += 1
-            await asyncio.sleep(_WATCH_S)
+        with self._backend.connected_only():  # never reconnects what the user shut down
+            while True:
+                with contextlib.suppress(Exception):  # a failed look is retried; the next one shows the state
+                    async with asyncio.timeout(_LOOK_TIMEOUT_S):
+                        if looks % _FULL_LOOK_EVERY == 0 or not await self._glance():
+                            await self._look()
+                looks += 1
+                await asyncio.sleep(_WATCH_S)
 
     async def _glance(self) -> bool:
         """Only the shown model's metrics; False when that is not enough (no model shown, it went)."""
@@ -308,6 +309,8 @@ class Panel(widgets.VBox):
         try:
             status = await self._backend.get_status()
         except RayVllmError as error:
+            if self._backend.cluster is None:  # shut down meanwhile: the next look says so
+                return
             self._model = None
             self.progress.value = _failed(f"the Ray cluster does not answer: {error}")
             self._set_buttons()
