@@ -202,9 +202,23 @@ def test_a_second_node_joins_from_this_machine(head: dict[str, Any]) -> None:
     assert "CPU                    3 / 3" in status.stdout
 
 
+_START_SERVE = """
+import sys, ray
+from ray import serve
+ray.init(sys.argv[1])
+serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[2])})
+"""
+
+
 @pytest.mark.slow
 def test_stop_ends_every_process_of_the_head_and_nothing_else(head: dict[str, Any]) -> None:
     session = next(r.session_id for r in processes.recorded_heads() if r.address == head["address"])
+    serve_port = free_port("127.0.0.1")
+    started = subprocess.run(  # Serve on this head (its HAProxy is a process of the head's session too)
+        [sys.executable, "-c", _START_SERVE, head["address"], str(serve_port)], capture_output=True, text=True,
+        timeout=300, stdin=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"},
+    )
+    assert started.returncode == 0, started.stderr[-2000:]
     kinds = [processes.ray_process_kind(p.name(), p.cmdline()) for p in processes.session_processes(session)]
     assert {"gcs_server", "raylet", processes.SERVE_HAPROXY} <= set(kinds), kinds
     # A user's own vLLM beside ours: same process title, not started by rayvllm_nb.
