@@ -16,7 +16,8 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,15 @@ def tiny_running(overrides: list[str]) -> Iterator[ModelStatus]:
     finally:
         if status.name in [model.name for model in rayvllm_nb.status().models]:
             rayvllm_nb.stop(status.name)
+
+
+def until_model(name: str, check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait, checking every second, until ``check()`` holds; else fail saying ``what`` did not happen in
+    time, with the status of the model ``name``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} within {timeout:.0f} s: {rayvllm_nb.model_status(name)}"
+        time.sleep(1)
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -5,8 +5,7 @@ to zero: tests/test_scale_to_zero.py."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ import pytest
 import rayvllm_nb
 from rayvllm_nb.errors import ConfigError
 from rayvllm_nb.types import ClusterInfo, ModelStatus
-from tests.conftest import serve_port, tiny_running
+from tests.conftest import serve_port, tiny_running, until_model
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +29,6 @@ def elastic(cluster: ClusterInfo) -> Iterator[ModelStatus]:
                        "autoscaling.upscale_delay_s=1", "autoscaling.downscale_delay_s=5", "max_ongoing_requests=16",
                        "max_queued_requests=10"]) as status:
         yield status
-
-
-def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} within {timeout:.0f} s: {rayvllm_nb.model_status(NAME)}"
-        time.sleep(1)
 
 
 def _stream(answers: list[int], stop: threading.Event, refusals: list[str]) -> None:
@@ -58,14 +50,15 @@ def test_the_model_rises_to_two_replicas_under_load_and_falls_back_to_one_when_i
     for stream in streams:
         stream.start()
     try:
-        _until(lambda: rayvllm_nb.model_status(NAME).replica_states.get("RUNNING") == 2, 240,
-               "no second RUNNING replica under 8 streams")
+        until_model(NAME, lambda: rayvllm_nb.model_status(NAME).replica_states.get("RUNNING") == 2, 240,
+                    "no second RUNNING replica under 8 streams")
     finally:
         stop.set()
         for stream in streams:
             stream.join(timeout=300)
     assert set(answers) == {200}, f"8 streams fit in one replica's 16 running requests, none is refused: {refusals}"
-    _until(lambda: rayvllm_nb.model_status(NAME).replica_states == {"RUNNING": 1}, 120, "not back to one replica")
+    until_model(NAME, lambda: rayvllm_nb.model_status(NAME).replica_states == {"RUNNING": 1}, 120,
+                "not back to one replica")
 
 
 def test_requests_beyond_the_queue_bound_get_an_openai_503_with_retry_after_at_once(elastic: ModelStatus) -> None:

@@ -5,7 +5,7 @@ and the next request waits while a replica loads, then is answered."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,7 +13,7 @@ import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
 from rayvllm_nb._internal.shared_endpoint import ROUTER_APP
 from rayvllm_nb.types import ClusterInfo, ModelStatus
-from tests.conftest import leftovers, model_processes, tiny_running
+from tests.conftest import leftovers, model_processes, tiny_running, until_model
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +28,12 @@ def sleepy(cluster: ClusterInfo) -> Iterator[ModelStatus]:
         yield status
 
 
-def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} within {timeout:.0f} s: {rayvllm_nb.model_status(NAME)}"
-        time.sleep(1)
-
-
 def test_an_idle_model_scales_to_zero_says_so_and_the_next_request_wakes_it(sleepy: ModelStatus) -> None:
     assert sleepy.replica_states == {"RUNNING": 1}, "a model that scales to zero loads one replica at start"
     assert "autoscaling 0-1 replicas, 2 requests each" in str(rayvllm_nb.status())
-    _until(lambda: rayvllm_nb.model_status(NAME).scaled_to_zero, 120, "not scaled to zero after 5 idle seconds")
-    _until(lambda: model_processes(NAME) == [], 30, "its vLLM engine still runs")
+    until_model(NAME, lambda: rayvllm_nb.model_status(NAME).scaled_to_zero, 120,
+                "not scaled to zero after 5 idle seconds")
+    until_model(NAME, lambda: model_processes(NAME) == [], 30, "its vLLM engine still runs")
     status = rayvllm_nb.model_status(NAME)
     assert status.ready and "none: scaled to zero, the next request waits for a replica to load" in status.summary()
     assert "scaled to zero" in rayvllm_nb.status()._repr_html_()
