@@ -13,6 +13,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +25,7 @@ from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
 from rayvllm_nb._internal import processes, ray_api
 from rayvllm_nb._internal.cluster import stop_started_heads
 from rayvllm_nb._internal.net import free_port
-from tests.conftest import model_processes, run_cli, start_test_head
+from tests.conftest import head_processes, model_processes, run_cli, start_test_head
 
 pytestmark = pytest.mark.slow
 KEY = "sk-" + secrets.token_hex(16)
@@ -153,7 +154,7 @@ def test_the_key_appears_nowhere_a_user_can_read(keyed: dict[str, Any]) -> None:
 def test_every_listener_of_haproxy_the_replica_and_vllm_is_on_loopback(keyed: dict[str, Any]) -> None:
     session = next(r.session_id for r in processes.recorded_heads() if r.address == keyed["address"])
     haproxy = [p for p in processes.session_processes(session) if p.name() == "haproxy"]
-    ours = [*haproxy, *model_processes("keyed", ("VLLM::", "ray::ServeReplica"))]
+    ours = [*haproxy, *model_processes("keyed", ("VLLM::", "ray::ServeReplica"), keyed["address"])]
     assert haproxy and len(ours) >= 4, ours
     listeners = {
         (process.name(), connection.laddr.ip, connection.laddr.port)
@@ -167,6 +168,21 @@ def test_every_listener_of_haproxy_the_replica_and_vllm_is_on_loopback(keyed: di
     http = {(name, ip, port) for name, ip, port in listeners if _speaks_http(ip, port)}
     assert any(name.startswith("ray::ServeReplica") for name, _, _ in http), listeners
     assert {ip for _, ip, _ in http} == {"127.0.0.1"}, http
+
+
+def test_serves_fallback_proxy_listens_on_a_port_of_this_heads_own(keyed: dict[str, Any]) -> None:
+    """Serve's fallback proxy (where HAProxy holds a request until a replica is up) listens on 8500 by
+    default, one per machine: this head's must not be the one of the tests' cluster beside it."""
+    records = {record.address: record for record in processes.recorded_heads()}
+    mine = records[keyed["address"]].serve_ports
+    others = {port for address, record in records.items() if address != keyed["address"] for port in record.serve_ports}
+    assert mine and others, records
+    assert not set(mine) & others, records
+    listening = {
+        connection.laddr.port for process in head_processes(keyed["address"])
+        for connection in process.net_connections("tcp") if connection.status == psutil.CONN_LISTEN
+    }
+    assert mine[0] in listening, (mine, sorted(listening))
 
 
 def _speaks_http(ip: str, port: int) -> bool:
@@ -224,7 +240,19 @@ def _ray_stop_force(session: int) -> list[psutil.Process]:
         if any(keyword in (name if by_name else cmdline) for keyword, by_name in filters):
             process.kill()
     psutil.wait_procs(members, timeout=10)
-    return [p for p in members if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    # Serve may have been reloading HAProxy: our wrapper (python) becomes haproxy once it has patched the config.
+    deadline = time.monotonic() + 15
+    while any(_name(p) == "python" for p in members) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in members if _name(p) is not None]
+
+
+def _name(process: psutil.Process) -> str | None:
+    """The process's name; None once it has ended."""
+    try:
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.name()
+    except psutil.Error:
+        return None
 
 
 def test_ray_stop_filters_are_what_this_test_mimics() -> None:

@@ -90,7 +90,7 @@ def start_head(config: ClusterConfig) -> str:
     (recorded, so that stopping this cluster ends that session and nothing else).
     """
     check_can_start(config)
-    log_file = log_dir() / f"ray-start-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_file = log_dir() / f"ray-start-{config.port}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     # The head's daemons and workers must not point at another cluster (Ray reads RAY_ADDRESS in them).
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     # Ray's own metrics cost CPU in every Ray process and the dashboard agent (about a tenth of
@@ -100,7 +100,8 @@ def start_head(config: ClusterConfig) -> str:
     env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token" if config.token_auth else "disabled"})
     if config.serve_direct_ingress:
         # The user's own RAY_SERVE_* settings win over the direct-ingress defaults.
-        env = {**_DIRECT_INGRESS_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": str(_haproxy_wrapper()), **env}
+        env = {**_DIRECT_INGRESS_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": str(_haproxy_wrapper()),
+               **_serve_fallback_ports(config), **env}
     if config.token_auth:
         ray_api.ensure_auth_token()
     with open(log_file, "ab") as log:
@@ -122,7 +123,8 @@ def start_head(config: ClusterConfig) -> str:
             "Fix what it reports, or start one yourself with `ray start --head` and retry."
         )
     address = f"{config.node_ip_address or ray_api.node_ip_address()}:{config.port}"
-    processes.record_head(address, starter.pid, log_file)
+    serve_ports = tuple(int(env[key]) for key in _SERVE_FALLBACK_PORTS if key in env)
+    processes.record_head(address, starter.pid, log_file, serve_ports)
     _wait_for_listener(config.ray_client_server_port, _CLIENT_SERVER_WAIT_S)
     return address
 
@@ -149,6 +151,26 @@ def _haproxy_wrapper() -> Path:
         real = get_haproxy_binary()
     return serve_haproxy.install(cache_root() / "serve-haproxy", real)
 
+_SERVE_FALLBACK_PORTS = {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500}
+"""Serve's fallback proxy (HAProxy's backup server, which holds a request until a replica is up), by
+Serve's setting, with its default port."""
+
+
+def _serve_fallback_ports(config: ClusterConfig) -> dict[str, str]:
+    """Ports of this head's Serve fallback proxy: Serve's defaults when free, else free ones; never those
+    given to another head rayvllm_nb started here. Serve's defaults are one per machine: a second head's
+    proxy cannot listen there, and that head's HAProxy then hands the requests it holds (a model scaled
+    to zero) to the first head's proxy, which serves other models."""
+    taken = {port for record in processes.recorded_heads() for port in record.serve_ports}
+    taken |= {*config.listening_ports().values(), *range(config.min_worker_port, config.max_worker_port + 1)}
+    chosen: dict[str, str] = {}
+    for key, preferred in _SERVE_FALLBACK_PORTS.items():
+        port = free_port("127.0.0.1", preferred)
+        while port in taken:
+            port = free_port("127.0.0.1")
+        taken.add(port)
+        chosen[key] = str(port)
+    return chosen
 
 
 _DIRECT_INGRESS_ENV = {

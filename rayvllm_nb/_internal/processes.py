@@ -41,6 +41,9 @@ class HeadRecord:
     session_id: int
     log_file: str
     started_at: float
+    serve_ports: tuple[int, ...] = ()
+    """Ports given to the head's Serve, which listens on them only once it starts (another head
+    started meanwhile must not be given them too)."""
 
 
 def _heads_dir() -> Path:
@@ -49,9 +52,9 @@ def _heads_dir() -> Path:
     return folder
 
 
-def record_head(address: str, session_id: int, log_file: Path) -> HeadRecord:
+def record_head(address: str, session_id: int, log_file: Path, serve_ports: tuple[int, ...] = ()) -> HeadRecord:
     """Remember a head this machine's rayvllm_nb started (read back by :func:`recorded_heads`)."""
-    record = HeadRecord(address, session_id, str(log_file), time.time())
+    record = HeadRecord(address, session_id, str(log_file), time.time(), serve_ports)
     (_heads_dir() / f"{session_id}.json").write_text(json.dumps(asdict(record)))
     return record
 
@@ -61,8 +64,9 @@ def recorded_heads() -> list[HeadRecord]:
     heads = []
     for path in sorted(_heads_dir().glob("*.json")):
         try:
-            record = HeadRecord(**json.loads(path.read_text()))
-        except (ValueError, TypeError):
+            fields = json.loads(path.read_text())
+            record = HeadRecord(**{**fields, "serve_ports": tuple(fields.get("serve_ports", ()))})
+        except (ValueError, TypeError, AttributeError):
             path.unlink(missing_ok=True)
             continue
         if session_processes(record.session_id):
