@@ -6,6 +6,9 @@ The head runs on free ports in a session of its own; ``RAY_ADDRESS`` and
 a free port (8000 when free). A Ray cluster or vLLM server of the user's on this machine is never
 touched, and nothing of the tests' is left running afterwards.
 
+Under pytest-xdist (``make test`` runs two workers) each worker has a head of its own, with its own
+worker ports and Serve port; tests look only at the processes of their own cluster.
+
 A model load costs about half a minute here, so modules that need a running model share one
 (``tiny``) or deploy their own once and stop it at the end.
 """
@@ -13,9 +16,11 @@ A model load costs about half a minute here, so modules that need a running mode
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +31,7 @@ import pytest
 
 import rayvllm_nb
 from rayvllm_nb._internal import processes
-from rayvllm_nb._internal.net import free_port
+from rayvllm_nb._internal.net import bind_error, free_port
 from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,32 +39,70 @@ SERVE_PORT_ENV = "RAYVLLM_NB_SERVE_PORT"
 _session: dict[str, str] = {}
 
 
+def _xdist_worker_index() -> int:
+    """0, 1, ... for pytest-xdist's workers gw0, gw1, ...; 0 without xdist."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+
+
 def session_cluster_address() -> str:
     """The tests' own head (started on first use); its address is also in RAY_ADDRESS."""
     if "address" not in _session:
+        worker = _xdist_worker_index()
+        lowest_worker_port = 21000 + 3000 * worker
         _session["address"] = start_test_head(
             # One logical CPU more than the cores: the shared model keeps running beside one
             # that spans every core (TP=2 on 2 cores).
-            num_cpus=(os.cpu_count() or 1) + 1, min_worker_port=21000, max_worker_port=29999,
+            num_cpus=(os.cpu_count() or 1) + 1, min_worker_port=lowest_worker_port,
+            max_worker_port=lowest_worker_port + 2999,
         )
         os.environ["RAY_ADDRESS"] = _session["address"]
-        os.environ[SERVE_PORT_ENV] = str(free_port("127.0.0.1", 8000))
+        os.environ[SERVE_PORT_ENV] = str(free_port("127.0.0.1", 8000 + worker))
     return _session["address"]
+
+
+_HEAD_START_WAIT_S = 30.0
 
 
 def start_test_head(**settings: Any) -> str:
     """A head of the tests' own on free ports (as rayvllm_nb's embedded cluster starts one): its
-    address. ``settings`` are ClusterConfig keys; give each head its own worker port range."""
+    address. ``settings`` are ClusterConfig keys; give each head its own worker port range.
+
+    One head starts at a time on this machine, and the next only once this one listens on every
+    port it was given: two heads starting together would both find the same ports free."""
     from rayvllm_nb._internal.cluster import start_head, with_free_ports
     from rayvllm_nb.config import ClusterConfig
 
-    return start_head(with_free_ports(ClusterConfig(num_gpus=0, object_store_memory_gb=1, **settings)))
+    with open(Path(tempfile.gettempdir()) / "rayvllm_nb-test-heads.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        config = with_free_ports(ClusterConfig(num_gpus=0, object_store_memory_gb=1, **settings))
+        address = start_head(config)
+        deadline = time.monotonic() + _HEAD_START_WAIT_S
+        for port in config.listening_ports().values():
+            while bind_error("0.0.0.0", port) is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+    return address
 
 
 def serve_port() -> int:
     """The port the tests' Serve listens on."""
     session_cluster_address()
     return int(os.environ[SERVE_PORT_ENV])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """A test marked ``solo`` (it measures how fast something answers) runs with no other test of this
+    machine's suite beside it: pytest-xdist's other worker waits between its tests meanwhile. Every test
+    passes a gate (shared) on its way in; a solo one holds the gate, then waits for the tests running."""
+    solo = item.get_closest_marker("solo") is not None
+    folder = Path(tempfile.gettempdir())
+    with open(folder / "rayvllm_nb-tests-gate.lock", "w") as gate, \
+            open(folder / "rayvllm_nb-tests-run.lock", "w") as run:
+        fcntl.flock(gate, fcntl.LOCK_EX if solo else fcntl.LOCK_SH)
+        fcntl.flock(run, fcntl.LOCK_EX if solo else fcntl.LOCK_SH)
+        if not solo:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        return (yield)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -152,9 +195,29 @@ def bound_cores(process: psutil.Process) -> set[int]:
             for core in cores}
 
 
-def model_processes(model: str, title: str | tuple[str, ...] = "VLLM::") -> list[psutil.Process]:
-    """The vLLM processes of one of our models (engine core, workers), or those with ``title``."""
-    return processes.model_processes(model, (title,) if isinstance(title, str) else title)
+def model_processes(
+    model: str, title: str | tuple[str, ...] = "VLLM::", address: str | None = None,
+) -> list[psutil.Process]:
+    """The vLLM processes of one of our models (engine core, workers), or those with ``title``, on the
+    head at ``address`` (default: the tests' own): another worker's model of the same name is not ours."""
+    raylets = {str(p.pid) for p in head_processes(address or session_cluster_address()) if p.name() == "raylet"}
+    return [
+        process for process in processes.model_processes(model, (title,) if isinstance(title, str) else title)
+        if _environment(process).get("RAY_RAYLET_PID") in raylets
+    ]
+
+
+def head_processes(address: str) -> list[psutil.Process]:
+    """Every process of the head the tests started at ``address`` (its session)."""
+    [session] = [record.session_id for record in processes.recorded_heads() if record.address == address]
+    return processes.session_processes(session)
+
+
+def _environment(process: psutil.Process) -> dict[str, str]:
+    try:
+        return process.environ()
+    except psutil.Error:
+        return {}
 
 
 def leftovers(app_name: str) -> dict[str, list[str]]:

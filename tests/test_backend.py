@@ -177,6 +177,7 @@ def test_cli_logs_prints_the_newest_lines_last(shared_tiny: ModelStatus) -> None
     assert len(lines) == 30 and newest, lines[-5:]
 
 
+@pytest.mark.solo
 def test_disconnected_clients_free_their_requests(shared_tiny: ModelStatus) -> None:
     """24 clients start 1,900-token streams and hang up after the first chunk: the engine
     must go idle (Serve's own access lines are not reliable for this: it drops some), and

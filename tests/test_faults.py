@@ -23,7 +23,7 @@ from rayvllm_nb.types import ClusterInfo
 from rayvllm_nb.widget import Panel
 from tests.conftest import leftovers, model_processes, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.solo]
 NAME = "faulty"
 CONFIG = ["served_model_name=faulty", "route_prefix=/faulty", "max_restarts=2", "max_model_len=2048"]
 CHAT = {"model": NAME, "messages": [{"role": "user", "content": DEMO_PROMPT}], "max_tokens": 64, "temperature": 0}

@@ -46,9 +46,15 @@ def launcher(*args: str, timeout: float = 300, env: dict[str, str] | None = None
     )
 
 
-def head_sessions() -> list[int]:
-    """Sessions of the heads rayvllm_nb started on this machine (these tests must add none when they fail)."""
-    return sorted(record.session_id for record in processes.recorded_heads())
+def own_cache(tmp_path: Path) -> dict[str, str]:
+    """The environment of a command that keeps rayvllm_nb's files (its head records) in ``tmp_path``: what
+    it started is told apart from the heads of other tests running beside it."""
+    return {"RAYVLLM_NB_CACHE": str(tmp_path / "cache")}
+
+
+def heads_recorded(env: dict[str, str]) -> list[Path]:
+    """The heads a command run with ``env`` (from :func:`own_cache`) started and recorded."""
+    return sorted((Path(env["RAYVLLM_NB_CACHE"]) / "heads").glob("*.json"))
 
 
 def listening(port: int) -> bool:
@@ -67,23 +73,23 @@ def listening(port: int) -> bool:
 def test_bad_local_config_fails_before_any_process_starts(tmp_path: Path, yaml_text: str, message: str) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
-    before = head_sessions()
-    result = launcher("--config", str(config), "start")
+    env = own_cache(tmp_path)
+    result = launcher("--config", str(config), "start", env=env)
     assert result.returncode == 2, result.stdout
     assert message in result.stderr
-    assert head_sessions() == before
+    assert heads_recorded(env) == []
 
 
-def test_a_taken_port_fails_before_any_process_starts() -> None:
-    before = head_sessions()
+def test_a_taken_port_fails_before_any_process_starts(tmp_path: Path) -> None:
+    env = own_cache(tmp_path)
     with socket.socket() as squatter:
         squatter.bind(("0.0.0.0", PORTS["port"]))
         squatter.listen()
-        result = run_cli("cluster", "start", "--config", "configs/cluster/local_cpu.yaml", *SETS)
+        result = run_cli("cluster", "start", "--config", "configs/cluster/local_cpu.yaml", *SETS, env=env)
     assert result.returncode == 1
     assert f"Port {PORTS['port']} (port) on 0.0.0.0 is already in use" in result.stderr
     assert f"--set port={PORTS['port'] + 1}" in result.stderr
-    assert head_sessions() == before and not listening(PORTS["ray_client_server_port"])
+    assert heads_recorded(env) == [] and not listening(PORTS["ray_client_server_port"])
 
 
 def test_get_address_without_a_cluster_fails_clearly() -> None:
@@ -97,16 +103,16 @@ def test_get_address_without_a_cluster_fails_clearly() -> None:
     assert "No Ray head runs on this machine" in result.stderr
 
 
-def test_autoscaler_dry_run_validates_the_multi_node_example() -> None:
-    before = head_sessions()
-    result = launcher("--config", "configs/cluster/multi_node_example.yaml", "start-autoscaler", "--dry-run")
+def test_autoscaler_dry_run_validates_the_multi_node_example(tmp_path: Path) -> None:
+    env = own_cache(tmp_path)
+    result = launcher("--config", "configs/cluster/multi_node_example.yaml", "start-autoscaler", "--dry-run", env=env)
     assert result.returncode == 0, result.stderr
     assert "is valid for Ray's cluster launcher" in result.stdout
     assert f"up {REPO / 'configs/cluster/multi_node_example.yaml'} --yes --no-config-cache" in result.stdout
     # The filled-in config shows Ray's defaults merged with ours, the pinned install step included.
     assert "cluster_synced_files" in result.stdout
     assert 'pip install "$HOME/rayvllm_nb[gpu]"' in result.stdout
-    assert head_sessions() == before
+    assert heads_recorded(env) == []
 
 
 def test_autoscaler_dry_run_rejects_a_misspelled_key_through_rays_schema(tmp_path: Path) -> None:
