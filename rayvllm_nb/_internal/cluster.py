@@ -151,6 +151,7 @@ def _haproxy_wrapper() -> Path:
         real = get_haproxy_binary()
     return serve_haproxy.install(cache_root() / "serve-haproxy", real)
 
+
 _SERVE_FALLBACK_PORTS = {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500}
 """Serve's fallback proxy (HAProxy's backup server, which holds a request until a replica is up), by
 Serve's setting, with its default port."""
