@@ -31,7 +31,7 @@ import pytest
 
 import rayvllm_nb
 from rayvllm_nb._internal import processes
-from rayvllm_nb._internal.net import bind_error, free_port
+from rayvllm_nb._internal.net import free_port
 from rayvllm_nb.types import ClusterInfo, ModelStatus, Progress
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,27 +60,18 @@ def session_cluster_address() -> str:
     return _session["address"]
 
 
-_HEAD_START_WAIT_S = 30.0
-
-
 def start_test_head(**settings: Any) -> str:
     """A head of the tests' own on free ports (as rayvllm_nb's embedded cluster starts one): its
     address. ``settings`` are ClusterConfig keys; give each head its own worker port range.
 
-    One head starts at a time on this machine, and the next only once this one listens on every
-    port it was given: two heads starting together would both find the same ports free."""
+    One head starts at a time on this machine (``start_head`` returns once it listens on every port it
+    was given): two heads starting together would both find the same ports free."""
     from rayvllm_nb._internal.cluster import start_head, with_free_ports
     from rayvllm_nb.config import ClusterConfig
 
     with open(Path(tempfile.gettempdir()) / "rayvllm_nb-test-heads.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        config = with_free_ports(ClusterConfig(num_gpus=0, object_store_memory_gb=1, **settings))
-        address = start_head(config)
-        deadline = time.monotonic() + _HEAD_START_WAIT_S
-        for port in config.listening_ports().values():
-            while bind_error("0.0.0.0", port) is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-    return address
+        return start_head(with_free_ports(ClusterConfig(num_gpus=0, object_store_memory_gb=1, **settings)))
 
 
 def serve_port() -> int:
@@ -207,10 +198,15 @@ def model_processes(
     ]
 
 
+def head_session(address: str) -> int:
+    """The session of the head rayvllm_nb started at ``address`` (its record)."""
+    [session] = [record.session_id for record in processes.recorded_heads() if record.address == address]
+    return session
+
+
 def head_processes(address: str) -> list[psutil.Process]:
     """Every process of the head the tests started at ``address`` (its session)."""
-    [session] = [record.session_id for record in processes.recorded_heads() if record.address == address]
-    return processes.session_processes(session)
+    return processes.session_processes(head_session(address))
 
 
 def _environment(process: psutil.Process) -> dict[str, str]:

@@ -25,7 +25,7 @@ from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
 from rayvllm_nb._internal import processes, ray_api
 from rayvllm_nb._internal.cluster import stop_started_heads
 from rayvllm_nb._internal.net import free_port
-from tests.conftest import head_processes, model_processes, run_cli, start_test_head
+from tests.conftest import head_processes, head_session, model_processes, run_cli, start_test_head
 
 pytestmark = pytest.mark.slow
 KEY = "sk-" + secrets.token_hex(16)
@@ -152,8 +152,7 @@ def test_the_key_appears_nowhere_a_user_can_read(keyed: dict[str, Any]) -> None:
 
 
 def test_every_listener_of_haproxy_the_replica_and_vllm_is_on_loopback(keyed: dict[str, Any]) -> None:
-    session = next(r.session_id for r in processes.recorded_heads() if r.address == keyed["address"])
-    haproxy = [p for p in processes.session_processes(session) if p.name() == "haproxy"]
+    haproxy = [p for p in head_processes(keyed["address"]) if p.name() == "haproxy"]
     ours = [*haproxy, *model_processes("keyed", ("VLLM::", "ray::ServeReplica"), keyed["address"])]
     assert haproxy and len(ours) >= 4, ours
     listeners = {
@@ -201,8 +200,7 @@ def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(key
     """`ray stop --force` ends Ray's processes but not Serve's HAProxy (which keeps the port) nor the
     replica's vLLM engine (GBs of memory). The next serve ends them, says so, and serves; then chat,
     status and stop, each a new `rayvllm` process, see the model and end it."""
-    session = next(r.session_id for r in processes.recorded_heads() if r.address == keyed["address"])
-    left = _ray_stop_force(session)
+    left = _ray_stop_force(head_session(keyed["address"]))
     kinds = sorted({p.name() for p in left})
     assert "haproxy" in kinds and "VLLM::EngineCore" in kinds, f"ray stop left {kinds}: nothing to reclaim"
     port = keyed["base"].rpartition(":")[2]

@@ -21,7 +21,7 @@ import pytest
 
 from rayvllm_nb._internal import processes
 from rayvllm_nb._internal.net import free_port
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, head_session, run_cli
 
 
 def _distinct_free_ports(count: int) -> list[int]:
@@ -218,7 +218,7 @@ serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[2])})
 
 @pytest.mark.slow
 def test_stop_ends_every_process_of_the_head_and_nothing_else(head: dict[str, Any]) -> None:
-    session = next(r.session_id for r in processes.recorded_heads() if r.address == head["address"])
+    session = head_session(head["address"])
     serve_port = free_port("127.0.0.1")
     started = subprocess.run(  # Serve on this head (its HAProxy is a process of the head's session too)
         [sys.executable, "-c", _START_SERVE, head["address"], str(serve_port)], capture_output=True, text=True,

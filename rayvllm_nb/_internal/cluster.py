@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,16 @@ def with_free_ports(config: ClusterConfig) -> ClusterConfig:
     workers = range(config.min_worker_port, config.max_worker_port + 1)
     chosen: dict[str, int] = {}
     for key, preferred in config.listening_ports().items():
-        port = free_port("127.0.0.1", preferred)
-        while port in chosen.values() or port in workers:
-            port = free_port("127.0.0.1")
-        chosen[key] = port
+        chosen[key] = _free_port_outside(preferred, chosen.values(), workers)
     return ClusterConfig.model_validate({**config.model_dump(), **chosen})
+
+
+def _free_port_outside(preferred: int, *avoid: Container[int]) -> int:
+    """``preferred`` when it is free, else a free port the kernel picks; never one in any of ``avoid``."""
+    port = free_port("127.0.0.1", preferred)
+    while any(port in ports for ports in avoid):
+        port = free_port("127.0.0.1")
+    return port
 
 
 def check_can_start(config: ClusterConfig) -> None:
@@ -125,21 +131,23 @@ def start_head(config: ClusterConfig) -> str:
     address = f"{config.node_ip_address or ray_api.node_ip_address()}:{config.port}"
     serve_ports = tuple(int(env[key]) for key in _SERVE_FALLBACK_PORTS if key in env)
     processes.record_head(address, starter.pid, log_file, serve_ports)
-    _wait_for_listener(config.ray_client_server_port, _CLIENT_SERVER_WAIT_S)
+    _wait_for_listeners(config.listening_ports().values(), _LISTENERS_WAIT_S)
     return address
 
 
-_CLIENT_SERVER_WAIT_S = 30.0
+_LISTENERS_WAIT_S = 30.0
 
 
-def _wait_for_listener(port: int, timeout: float) -> None:
-    """Wait until ``port`` is taken: `ray start` returns before its Ray Client server listens. Then the
-    printed ``ray://`` address answers, and a head started next sees the port taken (two heads' Ray
-    Client servers once shared one port here, gRPC binds with SO_REUSEPORT, and a `serve` through
-    one address deployed on the other head). Gives up quietly after ``timeout``."""
+def _wait_for_listeners(ports: Iterable[int], timeout: float) -> None:
+    """Wait until every port in ``ports`` is taken: `ray start` may return before its daemons listen
+    (its Ray Client server, on a busy machine the dashboard's). Then the printed addresses answer,
+    and a head started next sees the ports taken (two heads' Ray Client servers once shared one port
+    here, gRPC binds with SO_REUSEPORT, and a `serve` through one address deployed on the other
+    head). Gives up quietly after ``timeout`` in all."""
     deadline = time.monotonic() + timeout
-    while bind_error("0.0.0.0", port) is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    for port in ports:
+        while bind_error("0.0.0.0", port) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def _haproxy_wrapper() -> Path:
@@ -162,16 +170,13 @@ def _serve_fallback_ports(config: ClusterConfig) -> dict[str, str]:
     given to another head rayvllm_nb started here. Serve's defaults are one per machine: a second head's
     proxy cannot listen there, and that head's HAProxy then hands the requests it holds (a model scaled
     to zero) to the first head's proxy, which serves other models."""
-    taken = {port for record in processes.recorded_heads() for port in record.serve_ports}
-    taken |= {*config.listening_ports().values(), *range(config.min_worker_port, config.max_worker_port + 1)}
-    chosen: dict[str, str] = {}
+    others = {port for record in processes.recorded_heads() for port in record.serve_ports}
+    heads = config.listening_ports().values()
+    workers = range(config.min_worker_port, config.max_worker_port + 1)
+    chosen: dict[str, int] = {}
     for key, preferred in _SERVE_FALLBACK_PORTS.items():
-        port = free_port("127.0.0.1", preferred)
-        while port in taken:
-            port = free_port("127.0.0.1")
-        taken.add(port)
-        chosen[key] = str(port)
-    return chosen
+        chosen[key] = _free_port_outside(preferred, others, heads, workers, chosen.values())
+    return {key: str(port) for key, port in chosen.items()}
 
 
 _DIRECT_INGRESS_ENV = {
