@@ -82,8 +82,9 @@ def serve_port() -> int:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-    """A test marked ``solo`` (it measures how fast something answers) runs with no other test of this
-    machine's suite beside it: pytest-xdist's other worker waits between its tests meanwhile. Every test
+    """A test marked ``solo`` (it times answers, or leaves behind what a stopped cluster left, which any
+    rayvllm process would reclaim) runs with no other test of this machine's suite beside it:
+    pytest-xdist's other worker waits between its tests meanwhile. Every test
     passes a gate (shared) on its way in; a solo one holds the gate, then waits for the tests running."""
     solo = item.get_closest_marker("solo") is not None
     folder = Path(tempfile.gettempdir())

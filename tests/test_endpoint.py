@@ -196,6 +196,7 @@ def _speaks_http(ip: str, port: int) -> bool:
         return False
 
 
+@pytest.mark.solo  # what ray stop leaves, any rayvllm process of another test would reclaim first
 def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(keyed: dict[str, Any]) -> None:
     """`ray stop --force` ends Ray's processes but not Serve's HAProxy (which keeps the port) nor the
     replica's vLLM engine (GBs of memory). The next serve ends them, says so, and serves; then chat,
