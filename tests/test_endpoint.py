@@ -235,9 +235,12 @@ def _ray_stop_force(session: int) -> list[psutil.Process]:
     filters = ray_api.ray_stop_process_filters()
     members = processes.session_processes(session)
     for process in members:
-        name, cmdline = process.name(), subprocess.list2cmdline(process.cmdline())
-        if any(keyword in (name if by_name else cmdline) for keyword, by_name in filters):
-            process.kill()
+        try:  # killing a process may already have ended its children (the dashboard's heads)
+            name, cmdline = process.name(), subprocess.list2cmdline(process.cmdline())
+            if any(keyword in (name if by_name else cmdline) for keyword, by_name in filters):
+                process.kill()
+        except psutil.NoSuchProcess:
+            continue
     psutil.wait_procs(members, timeout=10)
     # Serve may have been reloading HAProxy: our wrapper (python) becomes haproxy once it has patched the config.
     deadline = time.monotonic() + 15
