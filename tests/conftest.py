@@ -80,21 +80,43 @@ def serve_port() -> int:
     return int(os.environ[SERVE_PORT_ENV])
 
 
+_LOCKS = Path(tempfile.gettempdir())
+_GATE = _LOCKS / "rayvllm_nb-tests-gate.lock"
+_running: list[Any] = []
+"""The run lock this process holds (shared) while one of its tests runs."""
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-    """A test marked ``solo`` (it times answers, or leaves behind what a stopped cluster left, which any
-    rayvllm process would reclaim) runs with no other test of this machine's suite beside it:
-    pytest-xdist's other worker waits between its tests meanwhile. Every test
-    passes a gate (shared) on its way in; a solo one holds the gate, then waits for the tests running."""
-    solo = item.get_closest_marker("solo") is not None
-    folder = Path(tempfile.gettempdir())
-    with open(folder / "rayvllm_nb-tests-gate.lock", "w") as gate, \
-            open(folder / "rayvllm_nb-tests-run.lock", "w") as run:
-        fcntl.flock(gate, fcntl.LOCK_EX if solo else fcntl.LOCK_SH)
-        fcntl.flock(run, fcntl.LOCK_EX if solo else fcntl.LOCK_SH)
-        if not solo:
-            fcntl.flock(gate, fcntl.LOCK_UN)
-        return (yield)
+    """Every test passes the gate (shared) on its way in and holds the run lock (shared) while it runs,
+    so that :func:`alone` can keep the other pytest-xdist worker's tests out."""
+    with open(_GATE, "w") as gate, open(_LOCKS / "rayvllm_nb-tests-run.lock", "w") as run:
+        fcntl.flock(gate, fcntl.LOCK_SH)
+        fcntl.flock(run, fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        _running.append(run)
+        try:
+            return (yield)
+        finally:
+            _running.pop()
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Run the block with no other test of this machine's suite running beside it: for what times answers
+    (a loaded machine answers slower), or leaves what a stopped cluster left (which any rayvllm process
+    would reclaim). The other worker finishes the test it runs and waits before its next one; keep the
+    block to what needs the machine to itself."""
+    [run] = _running
+    with open(_GATE, "w") as gate:
+        # Not running while waiting: two tests asking at once must not wait on each other.
+        fcntl.flock(run, fcntl.LOCK_UN)
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(run, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(run, fcntl.LOCK_SH)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -25,7 +25,7 @@ from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
 from rayvllm_nb._internal import processes, ray_api
 from rayvllm_nb._internal.cluster import stop_started_heads
 from rayvllm_nb._internal.net import free_port
-from tests.conftest import head_processes, head_session, model_processes, run_cli, start_test_head
+from tests.conftest import REPO, alone, head_processes, head_session, model_processes, run_cli, start_test_head
 
 pytestmark = pytest.mark.slow
 KEY = "sk-" + secrets.token_hex(16)
@@ -196,23 +196,37 @@ def _speaks_http(ip: str, port: int) -> bool:
         return False
 
 
-@pytest.mark.solo  # what ray stop leaves, any rayvllm process of another test would reclaim first
 def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(keyed: dict[str, Any]) -> None:
     """`ray stop --force` ends Ray's processes but not Serve's HAProxy (which keeps the port) nor the
     replica's vLLM engine (GBs of memory). The next serve ends them, says so, and serves; then chat,
     status and stop, each a new `rayvllm` process, see the model and end it."""
-    left = _ray_stop_force(head_session(keyed["address"]))
-    kinds = sorted({p.name() for p in left})
-    assert "haproxy" in kinds and "VLLM::EngineCore" in kinds, f"ray stop left {kinds}: nothing to reclaim"
     port = keyed["base"].rpartition(":")[2]
-    second = _head()
+    second, serving = "", None
     try:
-        served = cli(second, "serve", "tiny-cpu", "--set", f"port={port}", "--set", "served_model_name=again")
-        assert served.returncode == 0, served.stderr
-        assert "Ended what a stopped Ray cluster left on this machine" in served.stderr
-        assert "Serve HAProxy" in served.stderr and "VLLM::EngineCore" in served.stderr
-        assert "starting the engine" in served.stdout
-        assert f"again ready at http://127.0.0.1:{port}/v1" in served.stdout
+        with alone():  # until the next serve ends what ray stop left (any rayvllm process would end it)
+            left = _ray_stop_force(head_session(keyed["address"]))
+            kinds = sorted({p.name() for p in left})
+            assert "haproxy" in kinds and "VLLM::EngineCore" in kinds, f"ray stop left {kinds}: nothing to reclaim"
+            second = _head()
+            serving = subprocess.Popen(
+                [sys.executable, "-m", "rayvllm_nb.cli", "--address", second, "serve", "tiny-cpu",
+                 "--set", f"port={port}", "--set", "served_model_name=again"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=REPO,
+                env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"},
+            )
+            assert serving.stderr is not None
+            early = []
+            for line in iter(serving.stderr.readline, ""):
+                early.append(line)
+                if "Ended what a stopped Ray cluster left on this machine" in line:
+                    break
+        stdout, rest = serving.communicate(timeout=600)
+        stderr = "".join(early) + rest
+        assert serving.returncode == 0, stderr
+        assert "Ended what a stopped Ray cluster left on this machine" in stderr
+        assert "Serve HAProxy" in stderr and "VLLM::EngineCore" in stderr
+        assert "starting the engine" in stdout
+        assert f"again ready at http://127.0.0.1:{port}/v1" in stdout
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in left)
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                             json={**CHAT, "model": "again"})
@@ -226,7 +240,10 @@ def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(key
         after = cli(second, "status")
         assert "models   none" in after.stdout and "again" not in after.stdout, after.stdout
     finally:
-        stop_started_heads(second)
+        if serving is not None and serving.poll() is None:
+            serving.kill()
+        if second:
+            stop_started_heads(second)
 
 
 def _ray_stop_force(session: int) -> list[psutil.Process]:

@@ -21,9 +21,9 @@ from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY, ModelStatus
 from rayvllm_nb._internal import ray_api
 from rayvllm_nb.types import ClusterInfo
 from rayvllm_nb.widget import Panel
-from tests.conftest import leftovers, model_processes, run_cli
+from tests.conftest import alone, leftovers, model_processes, run_cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.solo]
+pytestmark = pytest.mark.slow
 NAME = "faulty"
 CONFIG = ["served_model_name=faulty", "route_prefix=/faulty", "max_restarts=2", "max_model_len=2048"]
 CHAT = {"model": NAME, "messages": [{"role": "user", "content": DEMO_PROMPT}], "max_tokens": 64, "temperature": 0}
@@ -145,10 +145,11 @@ def _request_as_openai_clients_do(method: str, url: str, body: dict | None) -> h
 
 
 def test_replace_lets_a_running_request_finish_first(faulty: ModelStatus) -> None:
-    streams, threads = _streams(faulty.base_url, 1)
-    replaced = rayvllm_nb.start("tiny-cpu", CONFIG, replace=True, wait_ready=True, timeout=600)
-    for thread in threads:
-        thread.join(120)
+    with alone():  # the stream must end within the old replica's drain time (30 s)
+        streams, threads = _streams(faulty.base_url, 1)
+        replaced = rayvllm_nb.start("tiny-cpu", CONFIG, replace=True, wait_ready=True, timeout=600)
+        for thread in threads:
+            thread.join(120)
     stream = streams[0]
     assert stream.done and stream.error is None, stream
     assert stream.completion_tokens == 1900 and stream.finish_reason == "length", f"the whole answer: {stream}"
@@ -178,17 +179,18 @@ def test_a_killed_engine_fails_requests_fast_then_the_model_comes_back(faulty: M
     assert panel.progress.value.startswith(f"{NAME} ready at "), panel.progress.value
     stop_reading = threading.Event()
     shown = _panel_lines(panel, stop_reading)
-    streams, threads = _streams(faulty.base_url, 4)
-    killed_at = time.monotonic()
-    for process in engines:
-        process.kill()
-    for thread in threads:
-        thread.join(30)
-    for stream in streams:
-        # An OpenAI-shaped error chunk in the stream, within 2 s of the kill.
-        assert stream.error and stream.error.startswith("{"), stream
-        assert stream.ended_at is not None and stream.ended_at - killed_at < FAST_S, stream
-    seen = _ride_out_the_restart(faulty, restarts=1)
+    with alone():  # answers are timed from the kill until the model serves again
+        streams, threads = _streams(faulty.base_url, 4)
+        killed_at = time.monotonic()
+        for process in engines:
+            process.kill()
+        for thread in threads:
+            thread.join(30)
+        for stream in streams:
+            # An OpenAI-shaped error chunk in the stream, within 2 s of the kill.
+            assert stream.error and stream.error.startswith("{"), stream
+            assert stream.ended_at is not None and stream.ended_at - killed_at < FAST_S, stream
+        seen = _ride_out_the_restart(faulty, restarts=1)
     assert "RESTARTING" in seen
     status = rayvllm_nb.model_status(NAME)
     assert status.restarts == 1 and "EngineCore was killed (SIGKILL)" in status.last_failure, status
@@ -210,8 +212,9 @@ def test_a_replica_killed_outright_recovers_the_same_way_and_a_new_shell_sees_it
         r for app in ray_api.serve_details()["applications"].values() for d in app["deployments"].values()
         for r in d["replicas"] if d["name"].endswith(f":{NAME}")
     ]
-    ray.kill(ray.get_actor(replica["actor_name"], namespace="serve"), no_restart=True)
-    _ride_out_the_restart(faulty, restarts=2)
+    with alone():  # answers are timed from the kill until the model serves again
+        ray.kill(ray.get_actor(replica["actor_name"], namespace="serve"), no_restart=True)
+        _ride_out_the_restart(faulty, restarts=2)
     chat = run_cli("chat", "Say hello.", "--model", NAME)
     assert chat.returncode == 0 and chat.stdout.strip() == TINY_MODEL_REPLY, chat.stderr
     status = run_cli("status")
