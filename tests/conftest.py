@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 import pytest
@@ -82,7 +82,7 @@ def serve_port() -> int:
 
 _LOCKS = Path(tempfile.gettempdir())
 _GATE = _LOCKS / "rayvllm_nb-tests-gate.lock"
-_running: list[Any] = []
+_running: list[IO[str]] = []
 """The run lock this process holds (shared) while one of its tests runs."""
 
 
