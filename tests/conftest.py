@@ -120,8 +120,8 @@ def alone() -> Iterator[None]:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Slow tests and notebooks run against the tests' own cluster (fast ones never start it)."""
-    if item.get_closest_marker("slow") is not None or item.path.suffix == ".ipynb":
+    """Slow tests run against the tests' own cluster (fast ones never start it)."""
+    if item.get_closest_marker("slow") is not None:
         session_cluster_address()
 
 

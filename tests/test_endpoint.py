@@ -205,7 +205,7 @@ def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(key
     try:
         with alone():  # until the next serve ends what ray stop left (any rayvllm process would end it)
             left = _ray_stop_force(head_session(keyed["address"]))
-            kinds = sorted({p.name() for p in left})
+            kinds = sorted({_name(p) or "" for p in left})
             assert "haproxy" in kinds and "VLLM::EngineCore" in kinds, f"ray stop left {kinds}: nothing to reclaim"
             second = _head()
             serving = subprocess.Popen(
