@@ -120,8 +120,8 @@ def alone() -> Iterator[None]:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Slow tests run against the tests' own cluster (fast ones never start it)."""
-    if item.get_closest_marker("slow") is not None:
+    """Slow tests and notebooks run against the tests' own cluster (fast ones never start it)."""
+    if item.get_closest_marker("slow") is not None or item.path.suffix == ".ipynb":
         session_cluster_address()
 
 
@@ -153,8 +153,8 @@ SHARED_STEPS: list[Progress] = []
 @pytest.fixture(scope="package")
 def shared_tiny(cluster: ClusterInfo) -> Iterator[ModelStatus]:
     """One tiny model for every test that only needs a running model (and does not stop it): a long
-    context (for long streams) and a planted HF token; stopped when the tests package ends (the
-    notebooks never see it)."""
+    context (for long streams) and a planted HF token; stopped when the tests package ends, before
+    the notebooks run."""
     status = rayvllm_nb.start(
         "tiny-cpu", ["served_model_name=shared-tiny", "route_prefix=/shared", "max_model_len=2048",
                      f"hf_token={PLANTED_TOKEN}"],
