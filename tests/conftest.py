@@ -82,6 +82,7 @@ def serve_port() -> int:
 
 _LOCKS = Path(tempfile.gettempdir())
 _GATE = _LOCKS / "rayvllm_nb-tests-gate.lock"
+_RUN = _LOCKS / "rayvllm_nb-tests-run.lock"
 _running: list[IO[str]] = []
 """The run lock this process holds (shared) while one of its tests runs."""
 
@@ -90,7 +91,7 @@ _running: list[IO[str]] = []
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
     """Every test passes the gate (shared) on its way in and holds the run lock (shared) while it runs,
     so that :func:`alone` can keep the other pytest-xdist worker's tests out."""
-    with open(_GATE, "w") as gate, open(_LOCKS / "rayvllm_nb-tests-run.lock", "w") as run:
+    with open(_GATE, "w") as gate, open(_RUN, "w") as run:
         fcntl.flock(gate, fcntl.LOCK_SH)
         fcntl.flock(run, fcntl.LOCK_SH)
         fcntl.flock(gate, fcntl.LOCK_UN)
@@ -189,11 +190,17 @@ def until_model(name: str, check: Callable[[], bool], timeout: float, what: str)
 
 def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `rayvllm ARGS` in a new process, as a user in a terminal would."""
-    return subprocess.run(
-        [sys.executable, "-m", "rayvllm_nb.cli", *args],
-        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
+    return subprocess.run(**_cli_process(args, env), capture_output=True, timeout=timeout)
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start `rayvllm ARGS` as :func:`run_cli` runs it, its output read as it comes (``stdout``, ``stderr``)."""
+    return subprocess.Popen(**_cli_process(args, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _cli_process(args: tuple[str, ...], env: dict[str, str] | None) -> dict[str, Any]:
+    return {"args": [sys.executable, "-m", "rayvllm_nb.cli", *args], "text": True, "stdin": subprocess.DEVNULL,
+            "cwd": REPO, "env": {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}}
 
 
 def thread_cores(process: psutil.Process) -> set[int]:

@@ -25,7 +25,15 @@ from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
 from rayvllm_nb._internal import processes, ray_api
 from rayvllm_nb._internal.cluster import stop_started_heads
 from rayvllm_nb._internal.net import free_port
-from tests.conftest import REPO, alone, head_processes, head_session, model_processes, run_cli, start_test_head
+from tests.conftest import (
+    alone,
+    head_processes,
+    head_session,
+    model_processes,
+    run_cli,
+    start_cli,
+    start_test_head,
+)
 
 pytestmark = pytest.mark.slow
 KEY = "sk-" + secrets.token_hex(16)
@@ -208,12 +216,8 @@ def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(key
             kinds = sorted({_name(p) or "" for p in left})
             assert "haproxy" in kinds and "VLLM::EngineCore" in kinds, f"ray stop left {kinds}: nothing to reclaim"
             second = _head()
-            serving = subprocess.Popen(
-                [sys.executable, "-m", "rayvllm_nb.cli", "--address", second, "serve", "tiny-cpu",
-                 "--set", f"port={port}", "--set", "served_model_name=again"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=REPO,
-                env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"},
-            )
+            serving = start_cli("--address", second, "serve", "tiny-cpu", "--set", f"port={port}",
+                                "--set", "served_model_name=again", env={"RAY_ADDRESS": ""})
             assert serving.stderr is not None
             early = []
             for line in iter(serving.stderr.readline, ""):
