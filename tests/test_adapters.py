@@ -20,7 +20,8 @@ from rayvllm_nb.errors import ConfigError, DeploymentError, NotDeployedError
 from rayvllm_nb.tiny_model import TINY_ADAPTER_REF, tiny_adapter_path, tiny_model_path
 from rayvllm_nb.types import ClusterInfo, ModelStatus
 from rayvllm_nb.widget import Panel
-from tests.conftest import run_cli, serve_port, tiny_running
+from tests._suite import serve_port
+from tests.conftest import run_cli, tiny_running
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ import pytest
 import rayvllm_nb
 from rayvllm_nb.errors import ConfigError
 from rayvllm_nb.types import ClusterInfo, ModelStatus
-from tests.conftest import serve_port, tiny_running, until_model
+from tests._suite import serve_port
+from tests.conftest import tiny_running, until_model
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,8 @@ from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY, ModelStatus
 from rayvllm_nb._internal.logs import LOADING_MARKERS
 from rayvllm_nb.errors import NotDeployedError
 from rayvllm_nb.types import ClusterInfo
-from tests.conftest import PLANTED_TOKEN, SHARED_STEPS, alone, model_processes, run_cli, serve_port
+from tests._suite import alone, serve_port
+from tests.conftest import PLANTED_TOKEN, SHARED_STEPS, model_processes, run_cli
 
 pytestmark = pytest.mark.slow
 NAME = "shared-tiny"

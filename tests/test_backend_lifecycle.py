@@ -15,7 +15,8 @@ from rayvllm_nb._internal.shared_endpoint import ROUTER_APP
 from rayvllm_nb.errors import ConfigError, DeploymentError
 from rayvllm_nb.tiny_model import tiny_model_path
 from rayvllm_nb.types import ClusterInfo, ModelStatus
-from tests.conftest import leftovers, model_processes, serve_port
+from tests._suite import serve_port
+from tests.conftest import leftovers, model_processes
 
 pytestmark = pytest.mark.slow
 

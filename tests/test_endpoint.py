@@ -25,15 +25,8 @@ from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
 from rayvllm_nb._internal import processes, ray_api
 from rayvllm_nb._internal.cluster import stop_started_heads
 from rayvllm_nb._internal.net import free_port
-from tests.conftest import (
-    alone,
-    head_processes,
-    head_session,
-    model_processes,
-    run_cli,
-    start_cli,
-    start_test_head,
-)
+from tests._suite import alone, start_test_head
+from tests.conftest import head_processes, head_session, model_processes, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 KEY = "sk-" + secrets.token_hex(16)

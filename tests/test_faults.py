@@ -21,7 +21,8 @@ from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY, ModelStatus
 from rayvllm_nb._internal import ray_api
 from rayvllm_nb.types import ClusterInfo
 from rayvllm_nb.widget import Panel
-from tests.conftest import alone, leftovers, model_processes, run_cli
+from tests._suite import alone
+from tests.conftest import leftovers, model_processes, run_cli
 
 pytestmark = pytest.mark.slow
 NAME = "faulty"

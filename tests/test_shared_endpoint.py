@@ -17,7 +17,8 @@ import rayvllm_nb
 from rayvllm_nb import TINY_MODEL_REPLY
 from rayvllm_nb._internal import ray_api, shared_endpoint
 from rayvllm_nb.types import ClusterInfo, ModelStatus
-from tests.conftest import leftovers, serve_port
+from tests._suite import serve_port
+from tests.conftest import leftovers
 
 pytestmark = pytest.mark.slow
 

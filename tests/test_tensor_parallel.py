@@ -9,7 +9,8 @@ import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
 from rayvllm_nb.tiny_model import tiny_model_path
 from rayvllm_nb.types import ClusterInfo
-from tests.conftest import leftovers, serve_port
+from tests._suite import serve_port
+from tests.conftest import leftovers
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from rayvllm_nb._internal.cluster import head_arguments, stop_started_heads
 from rayvllm_nb._internal.net import free_port
 from rayvllm_nb._internal.processes import ray_process_kind
 from rayvllm_nb.config import load_cluster_config
-from tests.conftest import start_test_head
+from tests._suite import start_test_head
 
 
 def test_local_gpu_config_leaves_gpu_detection_to_ray_and_keeps_the_dashboard_local() -> None:
