@@ -31,11 +31,10 @@ demo: env
 # The whole suite in two workers (pytest-xdist), each with a Ray head of its own; a module or notebook
 # runs whole in one worker, in its own order (its tests share deployments). Part of each test is
 # waiting (on Ray, on vLLM's spawned processes): on 2 cores two workers took 34 min where one took 42.
-# The notebooks run in the kernel this checkout registers (its .venv), one cell at most 15 min; they
-# go first, in the given order (xdist would put its one-item files, the long notebooks, last).
+# The notebooks run in the kernel this checkout registers (its .venv), one cell at most 15 min.
 test: env
 	$(BIN)/python -m ipykernel install --user --name rayvllm-nb --display-name "rayvllm-nb (.venv)" >/dev/null
-	$(BIN)/python -m pytest -p no:randomly -n 2 --dist loadfile --durations=15 --nbmake --nbmake-kernel=rayvllm-nb --nbmake-timeout=900 --no-loadscope-reorder notebooks tests
+	$(BIN)/python -m pytest -p no:randomly -n 2 --dist loadfile --durations=15 --nbmake --nbmake-kernel=rayvllm-nb --nbmake-timeout=900 tests notebooks
 
 # The inner loop: every test that loads no model, in a random order (under 2 minutes).
 test-fast: env

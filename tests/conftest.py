@@ -44,8 +44,7 @@ SHARED_STEPS: list[Progress] = []
 @pytest.fixture(scope="package")
 def shared_tiny(cluster: ClusterInfo) -> Iterator[ModelStatus]:
     """One tiny model for every test that only needs a running model (and does not stop it): a long
-    context (for long streams) and a planted HF token; stopped when the tests package ends, before
-    the notebooks run."""
+    context (for long streams) and a planted HF token; stopped when the tests package ends."""
     status = rayvllm_nb.start(
         "tiny-cpu", ["served_model_name=shared-tiny", "route_prefix=/shared", "max_model_len=2048",
                      f"hf_token={PLANTED_TOKEN}"],
