@@ -110,18 +110,28 @@ def test_a_replica_started_later_serves_the_adapters_loaded_before_it(lora_model
         r for app in ray_api.serve_details()["applications"].values() for d in app["deployments"].values()
         for r in d["replicas"] if d["name"].endswith(f":{NAME}")
     ]
-    ray.kill(ray.get_actor(replica["actor_name"], namespace="serve"), no_restart=True)
-    deadline = time.monotonic() + 300
-    while True:
-        status = rayvllm_nb.model_status(NAME)
-        fresh = [r for r in status.replicas if r.state == "RUNNING" and r.replica_id != replica["replica_id"]]
-        if fresh:
-            break
-        assert time.monotonic() < deadline, f"no new replica after 5 minutes: {status}"
-        time.sleep(1)
-    assert fresh[0].adapters == {"hello-adapter": "", "later": ""}
-    assert _reply("later") == TINY_ADAPTER_REPLY and _reply("hello-adapter") == TINY_ADAPTER_REPLY
-    rayvllm_nb.unload_adapter("later")
+    try:
+        ray.kill(ray.get_actor(replica["actor_name"], namespace="serve"), no_restart=True)
+        deadline = time.monotonic() + 300
+        while True:
+            status = rayvllm_nb.model_status(NAME)
+            fresh = [r for r in status.replicas if r.state == "RUNNING" and r.replica_id != replica["replica_id"]]
+            if fresh:
+                break
+            assert time.monotonic() < deadline, f"no new replica after 5 minutes: {status}"
+            time.sleep(1)
+        assert fresh[0].adapters == {"hello-adapter": "", "later": ""}
+        # HAProxy routes to the new replica once its health check passes, a moment after Serve calls it
+        # RUNNING; meanwhile the endpoint answers 503 with Retry-After, as a client is told to expect.
+        deadline = time.monotonic() + 60
+        while (first := _answer("later")).status_code == 503:
+            assert time.monotonic() < deadline, f"the new replica was not routed to within 60 s: {first.text}"
+            time.sleep(1)
+        assert first.status_code == 200, first.text
+        assert first.json()["choices"][0]["message"]["content"] == TINY_ADAPTER_REPLY
+        assert _reply("hello-adapter") == TINY_ADAPTER_REPLY
+    finally:
+        rayvllm_nb.unload_adapter("later")
 
 
 def test_the_panel_offers_the_models_adapters_and_answers_as_the_one_picked(lora_model: ModelStatus) -> None:

@@ -377,7 +377,8 @@ def _ray_init(address: str) -> Any:
     """``ray.init`` with replica logs kept out of the driver (they go to files and get_logs()).
 
     A Ray Client server sometimes fails to start the per-client server of a connection
-    ("Initialization failure from server"); the next connection works, so one retry.
+    ("Initialization failure from server": it forks while gRPC threads run); a new connection
+    usually works, so up to two retries (a loaded machine once failed two in a row).
     """
     import ray
 
@@ -385,7 +386,7 @@ def _ray_init(address: str) -> Any:
     # print a "(raylet) Task ServeController.graceful_shutdown failed ... retried" line into the
     # cell: that notice of a task retry is read by the core worker at ray.init.
     os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
-    attempts = 2 if address.startswith("ray://") else 1
+    attempts = 3 if address.startswith("ray://") else 1
     for attempt in range(attempts):
         try:
             return ray.init(address=address, log_to_driver=False, logging_level="ERROR")
