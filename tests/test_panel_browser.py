@@ -21,7 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+import rayvllm_nb
 from rayvllm_nb import DEMO_PROMPT, TINY_MODEL_REPLY
+from rayvllm_nb.types import ClusterInfo
 from tests.conftest import REPO
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -48,9 +50,14 @@ _PANEL_NOTEBOOK = {
 }
 
 
+_WALK_MODELS = ("tiny", "broken")
+"""The models the walk starts on the suite's cluster."""
+
+
 @pytest.fixture
-def jupyterlab(tmp_path: Path) -> Iterator[str]:
-    """JupyterLab on a free loopback port with a random token; yields the notebook's URL."""
+def jupyterlab(tmp_path: Path, cluster: ClusterInfo) -> Iterator[str]:
+    """JupyterLab on a free loopback port with a random token; yields the notebook's URL. Its kernel
+    uses the suite's cluster (``RAY_ADDRESS``); what the walk started there is stopped afterwards."""
     (tmp_path / "panel.ipynb").write_text(json.dumps(_PANEL_NOTEBOOK))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -81,6 +88,11 @@ def jupyterlab(tmp_path: Path) -> Iterator[str]:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+        # A walk that failed half-way leaves its models on the suite's cluster: the next test or
+        # notebook there would find "tiny" taken.
+        running = [model.name for model in rayvllm_nb.status().models]
+        for name in set(_WALK_MODELS) & set(running):
+            rayvllm_nb.stop(name)
 
 
 def test_a_user_walks_the_panel_in_jupyterlab(jupyterlab: str) -> None:
@@ -90,7 +102,8 @@ def test_a_user_walks_the_panel_in_jupyterlab(jupyterlab: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
 
     def run_cell(page: Page, index: int) -> None:
-        page.locator(".jp-NotebookPanel .jp-Cell .cm-content").nth(index).click()
+        # A loaded machine (the other worker loading a model) has kept JupyterLab busy for over 30 s.
+        page.locator(".jp-NotebookPanel .jp-Cell .cm-content").nth(index).click(timeout=120_000)
         page.keyboard.press("Control+Enter")
 
     def snap(page: Page, name: str) -> None:
@@ -144,7 +157,8 @@ def test_a_user_walks_the_panel_in_jupyterlab(jupyterlab: str) -> None:
             page.keyboard.press("Enter")
             answer = page.wait_for_selector(f"[data-role='assistant'] p:has-text('{TINY_MODEL_REPLY[:20]}')",
                                             timeout=120_000)
-            page.wait_for_selector("text=tok/s", timeout=30_000)
+            # The chat's own line, shown once the answer is whole (the live strip shows "tok/s" sooner).
+            page.wait_for_selector(r"text=/\d+ tokens in \d+ ms/", timeout=60_000)
             page.wait_for_selector("[data-live='tiny']", timeout=30_000)
             snap(page, "3-answer-and-live-metrics")
             assert "KV cache" in page.inner_text("[data-live='tiny']")
