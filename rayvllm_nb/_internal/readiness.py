@@ -6,6 +6,7 @@ it what it polls and acts on what it says.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from rayvllm_nb._internal import logs
@@ -19,6 +20,8 @@ READY = "ready"
 STAGES = (CREATING, WAITING, STARTING, CHECKING, READY)
 """The loading stages in order (a progress bar's steps)."""
 LOG_POLL_S = 1.0
+_UNSCHEDULED = re.compile(r"taken more than [\d.]+s to be scheduled")
+"""Serve's message for a replica whose placement group waits for resources (Serve counts it STARTING)."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,9 @@ class ReadinessWatcher:
         self._logs_read_at = float("-inf")
 
     def wants_logs(self, status: ModelStatus, now: float) -> bool:
-        """Whether to read the replica logs for this observation (while the engine starts, once a second)."""
-        if stage_of(status) == STARTING and now - self._logs_read_at >= LOG_POLL_S:
+        """Whether to read the replica logs for this observation (while the engine starts or its replica
+        waits to be scheduled, once a second)."""
+        if stage_of(status) in (WAITING, STARTING) and now - self._logs_read_at >= LOG_POLL_S:
             self._logs_read_at = now
             return True
         return False
@@ -61,6 +65,8 @@ class ReadinessWatcher:
                 cause = logs.root_cause(log_lines) or "the vLLM engine failed to start (see its logs)"
                 return Verdict(engine_failure=cause)
         stage = stage_of(status)
+        if stage == WAITING and self._log_detail:
+            stage = STARTING  # the engine logs its loading: Serve's "to be scheduled" message is stale
         detail = self._log_detail if stage == STARTING else ""
         return Verdict(progress=self._step(stage, detail, now), serve_running=status.status == "RUNNING")
 
@@ -82,7 +88,7 @@ def stage_of(status: ModelStatus) -> str:
     states = status.replica_states
     if not states:
         return CREATING
-    if states.get("PENDING_ALLOCATION") or states.get("PENDING_MIGRATION"):
+    if states.get("PENDING_ALLOCATION") or states.get("PENDING_MIGRATION") or _UNSCHEDULED.search(status.message):
         return WAITING
     if states.get("STARTING"):
         return STARTING
