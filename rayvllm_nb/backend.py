@@ -34,11 +34,13 @@ from rayvllm_nb.config import ModelConfig, _looks_like_path, check_adapter_name,
 from rayvllm_nb.engines import get_engine
 from rayvllm_nb.engines._router import build_router_application
 from rayvllm_nb.errors import ClusterError, ConfigError, DeploymentError, NotDeployedError, ReadinessTimeout
-from rayvllm_nb.placement import PlacementPlan, plan_placement
+from rayvllm_nb.placement import PlacementPlan, check_room_to_start, plan_placement
 from rayvllm_nb.tiny_model import TINY_ADAPTER_REF, TINY_MODEL_REF
 from rayvllm_nb.types import ClusterInfo, ModelMetrics, ModelStatus, Progress, ReplicaInfo, ShutdownReport, Status
 
 _POLL_SECONDS = 0.2
+_FREED_WITHIN_S = 10.0
+"""How long a stopped model's placement groups may take to show as free in the cluster's resources."""
 SERVE_PORT_ENV = "RAYVLLM_NB_SERVE_PORT"
 """Serve's port when a config sets none and Serve is not running yet (default 8000)."""
 _DEFAULT_HOST, _DEFAULT_PORT = "127.0.0.1", 8000
@@ -165,6 +167,8 @@ class RayBackend:
                 f"its own, e.g. route_prefix=/{_app_name(config.name)}, leave it unset (the shared endpoint), "
                 "or stop that one."
             )
+        if config.name not in running and self._cluster is not None and _cluster.cannot_grow(self._cluster.address):
+            self._wait_for_room(config, plan, sorted(running))
         http = self._ensure_serve(config)
         if config.name in running:
             self._delete(running[config.name], keep_router=True)
@@ -183,6 +187,20 @@ class RayBackend:
             _delete_router_when_unneeded()
             raise
         self._started_here.add(config.name)
+
+    @staticmethod
+    def _wait_for_room(config: ModelConfig, plan: PlacementPlan, running: list[str]) -> None:
+        """Refuse a model whose first replicas do not fit in what is free now, after giving a model
+        stopped a moment ago the time to hand its resources back."""
+        deadline = time.monotonic() + _FREED_WITHIN_S
+        while True:
+            try:
+                check_room_to_start(config, plan, _cluster.free_resources(), running)
+                return
+            except ConfigError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(1.0)
 
     def _ensure_serve(self, config: ModelConfig) -> tuple[str, int]:
         """Start Serve on the config's host/port (or the defaults), or check that the running Serve

@@ -90,6 +90,27 @@ def _check_room_for_every_replica(
             )
 
 
+def check_room_to_start(
+    config: ModelConfig, plan: PlacementPlan, free: dict[str, float], running: list[str]
+) -> None:
+    """On a cluster that does not grow, the replicas a model starts with must fit in what is free now,
+    or Serve would wait for resources until the start times out. ``free``: the cluster's unreserved
+    resources; ``running``: the models of rayvllm_nb that hold some."""
+    replicas = max(config.autoscaling.min_replicas, 1) if config.autoscaling is not None else config.num_replicas
+    for resource in ("GPU", "CPU"):
+        each = sum(bundle.get(resource, 0.0) for bundle in plan.bundles)
+        needed, have = replicas * each, free.get(resource, 0.0)
+        if needed > have + 1e-9:
+            holders = f"running models: {', '.join(running)}" if running else "no model of rayvllm_nb runs"
+            raise ConfigError(
+                f"{config.name!r} needs {needed:g} {resource} to start ({replicas} replica(s) of {each:g}) but only "
+                f"{have:g} {resource} of this cluster are free now ({holders}; other Ray work may hold the rest). "
+                "The cluster does not grow by itself, so the model would wait for resources forever. Stop a model "
+                "(`rayvllm stop NAME`), lower tensor_parallel_size or the replicas, or start the cluster with more "
+                f"logical {resource}s (num_{resource.lower()}s in the cluster config)."
+            )
+
+
 def resolve_device(device: str, cluster_gpus: int) -> Literal["cpu", "gpu"]:
     """The device a config's ``device`` means on a cluster with ``cluster_gpus``: "auto" is GPU when there are any."""
     if device == "auto":

@@ -6,7 +6,7 @@ import pytest
 
 from rayvllm_nb.config import load_config
 from rayvllm_nb.errors import ConfigError
-from rayvllm_nb.placement import plan_placement
+from rayvllm_nb.placement import check_room_to_start, plan_placement
 
 
 def test_gpu_plan_tp1_is_one_bundle_with_two_cpus_planned_not_run() -> None:
@@ -43,6 +43,26 @@ def test_cpu_plan_tp1_leaves_vllms_default_binding() -> None:
     assert "VLLM_CPU_OMP_THREADS_BIND" not in plan.env_vars
 
 
+def test_a_start_that_does_not_fit_in_what_is_free_is_refused_naming_what_runs() -> None:
+    config = load_config("tiny-cpu", ["tensor_parallel_size=2", "served_model_name=wide"])
+    plan = plan_placement(config, {"CPU": 3}, 3)
+    check_room_to_start(config, plan, {"CPU": 2.0, "GPU": 0.0}, ["shared"])
+    with pytest.raises(ConfigError, match=r"'wide' needs 2 CPU to start \(1 replica\(s\) of 2\) but only 1 CPU .*"
+                                          r"running models: shared, tiny.*Stop a model"):
+        check_room_to_start(config, plan, {"CPU": 1.0, "GPU": 0.0}, ["shared", "tiny"])
+
+
+def test_the_room_to_start_counts_the_replicas_a_model_starts_with_not_its_most() -> None:
+    two = load_config("tiny-cpu", ["num_replicas=2"])
+    with pytest.raises(ConfigError, match=r"needs 2 CPU to start \(2 replica\(s\) of 1\)"):
+        check_room_to_start(two, plan_placement(two, {"CPU": 3}, 3), {"CPU": 1.0}, [])
+    for autoscaling in ("min_replicas: 0, max_replicas: 3", "min_replicas: 1, max_replicas: 3"):
+        scaling = load_config("tiny-cpu", [f"autoscaling={{{autoscaling}}}"])
+        check_room_to_start(scaling, plan_placement(scaling, {"CPU": 3}, 3), {"CPU": 1.0}, [])
+        with pytest.raises(ConfigError, match="no model of rayvllm_nb runs"):
+            check_room_to_start(scaling, plan_placement(scaling, {"CPU": 3}, 3), {"CPU": 0.0}, [])
+
+
 def test_auto_device_follows_the_cluster() -> None:
     config = load_config({"model": "m"})
     assert plan_placement(config, {"CPU": 2}, 2).device == "cpu"
@@ -59,7 +79,7 @@ import json
 import ray
 from ray.util.placement_group import placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from rayvllm_nb.placement import plan_placement
+from rayvllm_nb.placement import check_room_to_start, plan_placement
 from rayvllm_nb.config import load_config
 from rayvllm_nb.engines import get_engine
 

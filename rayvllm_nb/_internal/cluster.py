@@ -350,6 +350,23 @@ def cluster_resources() -> tuple[dict[str, float], int]:
     return dict(ray.cluster_resources()), max(node_cpus, default=0)
 
 
+def free_resources() -> dict[str, float]:
+    """The CPUs and GPUs of the cluster no actor or placement group holds now."""
+    import ray
+
+    available = ray.available_resources()
+    return {resource: float(available.get(resource, 0.0)) for resource in ("CPU", "GPU")}
+
+
+def cannot_grow(address: str) -> bool:
+    """Whether the cluster at ``address`` is a single head rayvllm_nb started on this machine: no
+    autoscaler adds nodes to it (a cluster of the user's may have one, e.g. on a ``ray up`` head)."""
+    import ray
+
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    return len(alive) == 1 and address in {head.address for head in processes.recorded_heads()}
+
+
 def _init(address: str) -> str | None:
     """``ray.init`` for a driver that prints nothing into cells; returns the dashboard's URL."""
     import ray
