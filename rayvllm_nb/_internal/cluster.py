@@ -110,20 +110,26 @@ def start_head(config: ClusterConfig) -> str:
                **_serve_fallback_ports(config), **env}
     if config.token_auth:
         ray_api.ensure_auth_token()
-    with open(log_file, "ab") as log:
-        # A new session keeps the daemons out of the caller's process group (Ctrl-C in a
-        # notebook must not kill the cluster) and away from its stdout.
-        starter = subprocess.Popen(
-            [*_RAY_CLI, "start", "--head", *head_arguments(config)], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True, env=env,
-        )
-        try:
-            code = starter.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            processes.end_processes(processes.session_processes(starter.pid))
-            raise ClusterError(f"`ray start` did not finish in 180 s and was stopped; see {log_file}.") from None
-    if code != 0:
+    for attempt in range(1, _HEAD_START_ATTEMPTS + 1):
+        with open(log_file, "ab") as log:
+            this_attempt = log.tell()
+            # A new session keeps the daemons out of the caller's process group (Ctrl-C in a
+            # notebook must not kill the cluster) and away from its stdout.
+            starter = subprocess.Popen(
+                [*_RAY_CLI, "start", "--head", *head_arguments(config)], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True, env=env,
+            )
+            try:
+                code = starter.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                processes.end_processes(processes.session_processes(starter.pid))
+                raise ClusterError(f"`ray start` did not finish in 180 s and was stopped; see {log_file}.") from None
+        if code == 0:
+            break
         processes.end_processes(processes.session_processes(starter.pid))
+        # Ray gives its raylet a fixed 30 s to register: a busy machine (a model loading) can miss it.
+        if attempt < _HEAD_START_ATTEMPTS and _SLOW_REGISTRATION in _read_from(log_file, this_attempt):
+            continue
         raise ClusterError(
             f"Starting a local Ray head failed (exit {code}); its output is in {log_file}. "
             "Fix what it reports, or start one yourself with `ray start --head` and retry."
@@ -135,7 +141,16 @@ def start_head(config: ClusterConfig) -> str:
     return address
 
 
+def _read_from(path: Path, offset: int) -> str:
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return file.read().decode(errors="replace")
+
+
 _LISTENERS_WAIT_S = 30.0
+_HEAD_START_ATTEMPTS = 2
+_SLOW_REGISTRATION = "The current node timed out during startup"
+"""What ``ray start`` says when its raylet did not register with the GCS within Ray's fixed 30 s."""
 
 
 def _wait_for_listeners(ports: Iterable[int], timeout: float) -> None:

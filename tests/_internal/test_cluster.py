@@ -1,18 +1,22 @@
-"""The `ray start --head` flags a cluster config becomes, how Ray's processes are recognised, and a
-connected driver's quiet Serve shutdown."""
+"""The `ray start --head` flags a cluster config becomes, how Ray's processes are recognised, a
+connected driver's quiet Serve shutdown, and when a failed head start is tried again."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from rayvllm_nb._internal.cluster import head_arguments, stop_started_heads
+from rayvllm_nb._internal import cluster
+from rayvllm_nb._internal.cluster import head_arguments, start_head, stop_started_heads, with_free_ports
 from rayvllm_nb._internal.net import free_port
 from rayvllm_nb._internal.processes import ray_process_kind
-from rayvllm_nb.config import load_cluster_config
+from rayvllm_nb.config import ClusterConfig, load_cluster_config
+from rayvllm_nb.errors import ClusterError
 from tests._suite import start_test_head
 
 
@@ -99,3 +103,36 @@ def test_a_driver_connected_by_rayvllm_nb_prints_no_raylet_retry_line_when_serve
     assert "graceful_shutdown" not in outputs[""], outputs[""][-2000:]
     assert f"REPORT Stopped nothing of this process's. Disconnected from the Ray cluster at {address}; it keeps " \
         "running (not started here)." in outputs[""]
+
+
+
+_FAILING_RAY_START = """
+import json, pathlib, sys
+calls, outputs = pathlib.Path(sys.argv[1]), json.loads(sys.argv[2])
+with calls.open("a") as record:
+    record.write("call\\n")
+print(outputs[len(calls.read_text().splitlines()) - 1])
+sys.exit(1)
+"""
+"""A ``ray start`` that fails, printing the next of OUTPUTS each call: CALLS_FILE OUTPUTS_JSON ARGS..."""
+_SLOW_RAYLET = ("Exception: The current node timed out during startup. This could happen because some of the raylet "
+                "failed to startup or the GCS has become overloaded.")
+
+
+@pytest.mark.parametrize(("outputs", "calls_made"), [
+    pytest.param([_SLOW_RAYLET, "ValueError: bad --resources"], 2, id="retried-once-after-a-slow-raylet"),
+    pytest.param([_SLOW_RAYLET, _SLOW_RAYLET, _SLOW_RAYLET], 2, id="at-most-once"),
+    pytest.param(["ValueError: bad --resources", _SLOW_RAYLET], 1, id="not-retried-for-another-failure"),
+])
+def test_a_head_start_is_retried_only_when_the_raylet_missed_rays_registration_window(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, outputs: list[str], calls_made: int
+) -> None:
+    """Ray gives the raylet a fixed 30 s to register with the GCS: a machine busy loading a model missed
+    it once in a suite run, and a second ``ray start`` is what a user would do."""
+    calls = tmp_path / "calls"
+    failing = [sys.executable, "-c", _FAILING_RAY_START, str(calls), json.dumps(outputs)]
+    monkeypatch.setattr(cluster, "_RAY_CLI", failing)
+    config = with_free_ports(ClusterConfig(num_cpus=1, min_worker_port=41000, max_worker_port=41999))
+    with pytest.raises(ClusterError, match=r"Starting a local Ray head failed \(exit 1\)"):
+        start_head(config)
+    assert len(calls.read_text().splitlines()) == calls_made
