@@ -2,8 +2,8 @@
 conftest.py registers this module once, so a notebook run on its own by ``pytest notebooks`` gets
 them too).
 
-The head runs on free ports in a session of its own, started when the first item that needs it
-sets up and ended (exactly its own processes) when the session ends. ``RAY_ADDRESS`` and
+The head runs on free ports in a session of its own, started once collection found an item that
+needs it (before any test runs) and ended (exactly its own processes) when the session ends. ``RAY_ADDRESS`` and
 ``RAYVLLM_NB_SERVE_PORT`` point every test, CLI process and notebook kernel at it, with Serve on a
 free port (8000 when free). A Ray cluster or vLLM server of the user's on this machine is never
 touched, and nothing of the suite's is left running afterwards.
@@ -112,9 +112,21 @@ def alone() -> Iterator[None]:
             fcntl.flock(run, fcntl.LOCK_SH)
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
+def _needs_cluster(item: pytest.Item) -> bool:
     """Slow tests and notebooks run against the tests' own cluster (fast ones never start it)."""
-    if item.get_closest_marker("slow") is not None or item.path.suffix == ".ipynb":
+    return item.get_closest_marker("slow") is not None or item.path.suffix == ".ipynb"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the head before the first test when a collected item needs it, so that no model loads
+    beside its start: Ray's raylet dies when its agents take over 15 s to start (ray#65983), and a
+    loading model on 2 cores made them that slow."""
+    if not session.config.option.collectonly and any(_needs_cluster(item) for item in session.items):
+        session_cluster_address()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _needs_cluster(item):
         session_cluster_address()
 
 

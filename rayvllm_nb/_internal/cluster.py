@@ -127,7 +127,8 @@ def start_head(config: ClusterConfig) -> str:
         if code == 0:
             break
         processes.end_processes(processes.session_processes(starter.pid))
-        # Ray gives its raylet a fixed 30 s to register: a busy machine (a model loading) can miss it.
+        # The raylet dies when its dashboard agent has not reported its ports within 15 s (fixed in Ray,
+        # ray#65983): on a busy machine (a model loading) the agent's imports alone can take longer.
         if attempt < _HEAD_START_ATTEMPTS and _SLOW_REGISTRATION in _read_from(log_file, this_attempt):
             continue
         raise ClusterError(
@@ -148,9 +149,9 @@ def _read_from(path: Path, offset: int) -> str:
 
 
 _LISTENERS_WAIT_S = 30.0
-_HEAD_START_ATTEMPTS = 2
+_HEAD_START_ATTEMPTS = 3
 _SLOW_REGISTRATION = "The current node timed out during startup"
-"""What ``ray start`` says when its raylet did not register with the GCS within Ray's fixed 30 s."""
+"""What ``ray start`` says when its raylet did not come up (it waited too long for its agents)."""
 
 
 def _wait_for_listeners(ports: Iterable[int], timeout: float) -> None:
