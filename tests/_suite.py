@@ -56,13 +56,13 @@ def start_test_head(**settings: Any) -> str:
     """A head of the tests' own on free ports (as rayvllm_nb's embedded cluster starts one): its
     address. ``settings`` are ClusterConfig keys; give each head its own worker port range.
 
-    One head starts at a time on this machine (``start_head`` returns once it listens on every port it
-    was given): two heads starting together would both find the same ports free."""
+    It starts :func:`alone`: then no model loads beside it, and no other head starts with it (``start_head``
+    returns once it listens on every port it was given; two heads starting together would both find the
+    same ports free)."""
     from rayvllm_nb._internal.cluster import start_head, with_free_ports
     from rayvllm_nb.config import ClusterConfig
 
-    with open(Path(tempfile.gettempdir()) / "rayvllm_nb-test-heads.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with alone():
         return start_head(with_free_ports(ClusterConfig(num_gpus=0, object_store_memory_gb=1, **settings)))
 
 
@@ -94,22 +94,32 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             _running.pop()
 
 
+_alone: list[bool] = []
+"""Set while this process runs an :func:`alone` block (a block inside one is already alone)."""
+
+
 @contextlib.contextmanager
 def alone() -> Iterator[None]:
     """Run the block with no other test of this machine's suite running beside it: for what times answers
-    (a loaded machine answers slower), or leaves what a stopped cluster left (which any rayvllm process
-    would reclaim). The other worker finishes the test it runs and waits before its next one; keep the
-    block to what needs the machine to itself."""
-    [run] = _running
-    with open(_GATE, "w") as gate:
-        # Not running while waiting: two tests asking at once must not wait on each other.
+    (a loaded machine answers slower), leaves what a stopped cluster left (which any rayvllm process
+    would reclaim), or starts a Ray head (its raylet dies when its agents start slower than 15 s,
+    ray#65983). The other worker finishes the test it runs and waits before its next one; keep the
+    block to what needs the machine to itself. Works in a test and outside one (collection)."""
+    if _alone:
+        yield
+        return
+    with open(_GATE, "w") as gate, contextlib.ExitStack() as stack:
+        # In a test: not running while waiting, so two tests asking at once do not wait on each other.
+        run = _running[0] if _running else stack.enter_context(open(_RUN, "w"))
         fcntl.flock(run, fcntl.LOCK_UN)
         fcntl.flock(gate, fcntl.LOCK_EX)
         fcntl.flock(run, fcntl.LOCK_EX)
+        _alone.append(True)
         try:
             yield
         finally:
-            fcntl.flock(run, fcntl.LOCK_SH)
+            _alone.pop()
+            fcntl.flock(run, fcntl.LOCK_SH if _running else fcntl.LOCK_UN)
 
 
 def _needs_cluster(item: pytest.Item) -> bool:

@@ -21,6 +21,7 @@ import pytest
 
 from rayvllm_nb._internal import processes
 from rayvllm_nb._internal.net import free_port
+from tests._suite import alone
 from tests.conftest import REPO, head_session, run_cli
 
 
@@ -130,7 +131,8 @@ def test_autoscaler_dry_run_rejects_a_misspelled_key_through_rays_schema(tmp_pat
 @pytest.fixture(scope="module")
 def head() -> Iterator[dict[str, str]]:
     """A head from local_cpu.yaml on free ports (and any node joined to it), stopped after: only its own processes."""
-    started = launcher("--config", "configs/cluster/local_cpu.yaml", *SETS, "start")
+    with alone():  # a head's raylet dies when its agents start slower than 15 s (ray#65983)
+        started = launcher("--config", "configs/cluster/local_cpu.yaml", *SETS, "start")
     joined: list[int] = []
     try:
         assert started.returncode == 0, started.stderr
@@ -190,16 +192,17 @@ def test_the_printed_plain_ray_line_connects_where_the_bare_address_is_refused(h
 
 @pytest.mark.slow
 def test_a_second_node_joins_from_this_machine(head: dict[str, Any]) -> None:
-    joining = subprocess.Popen(
-        [shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray", "start",
-         f"--address={head['address']}", "--num-cpus=1", '--resources={"second_node": 1}',
-         "--object-store-memory=500000000", "--min-worker-port=20002", "--max-worker-port=20999",
-         f"--dashboard-agent-listen-port={free_port('127.0.0.1')}", "--disable-usage-stats"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "RAY_AUTH_MODE": "token"},
-    )
-    head["joined"].append(joining.pid)
-    output, _ = joining.communicate(timeout=180)
+    with alone():  # its raylet waits for its agents as a head's does
+        joining = subprocess.Popen(
+            [shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray", "start",
+             f"--address={head['address']}", "--num-cpus=1", '--resources={"second_node": 1}',
+             "--object-store-memory=500000000", "--min-worker-port=20002", "--max-worker-port=20999",
+             f"--dashboard-agent-listen-port={free_port('127.0.0.1')}", "--disable-usage-stats"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "token"},
+        )
+        head["joined"].append(joining.pid)
+        output, _ = joining.communicate(timeout=180)
     assert joining.returncode == 0, output
     status = run_cli("cluster", "status", "--address", head["address"])
     assert status.returncode == 0, status.stderr
