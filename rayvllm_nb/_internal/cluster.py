@@ -129,11 +129,15 @@ def start_head(config: ClusterConfig) -> str:
         processes.end_processes(processes.session_processes(starter.pid))
         # The raylet dies when its dashboard agent has not reported its ports within 15 s (fixed in Ray,
         # ray#65983): on a busy machine (a model loading) the agent's imports alone can take longer.
-        if attempt < _HEAD_START_ATTEMPTS and _SLOW_REGISTRATION in _read_from(log_file, this_attempt):
+        slow = _SLOW_REGISTRATION in _read_from(log_file, this_attempt)
+        if attempt < _HEAD_START_ATTEMPTS and slow:
             continue
         raise ClusterError(
             f"Starting a local Ray head failed (exit {code}); its output is in {log_file}. "
-            "Fix what it reports, or start one yourself with `ray start --head` and retry."
+            + (f"Its raylet did not come up in {attempt} attempts: Ray gives the node's agents 15 s to start, and "
+               "this machine was too busy for that. Let what runs here finish (a model loading, a build), then "
+               "retry." if slow else
+               "Fix what it reports, or start one yourself with `ray start --head` and retry.")
         )
     address = f"{config.node_ip_address or ray_api.node_ip_address()}:{config.port}"
     serve_ports = tuple(int(env[key]) for key in _SERVE_FALLBACK_PORTS if key in env)

@@ -134,6 +134,7 @@ def test_a_head_start_is_retried_only_when_its_raylet_did_not_come_up(
     failing = [sys.executable, "-c", _FAILING_RAY_START, str(calls), json.dumps(outputs)]
     monkeypatch.setattr(cluster, "_RAY_CLI", failing)
     config = with_free_ports(ClusterConfig(num_cpus=1, min_worker_port=41000, max_worker_port=41999))
-    with pytest.raises(ClusterError, match=r"Starting a local Ray head failed \(exit 1\)"):
+    with pytest.raises(ClusterError, match=r"Starting a local Ray head failed \(exit 1\)") as failure:
         start_head(config)
     assert len(calls.read_text().splitlines()) == calls_made
+    assert ("this machine was too busy" in str(failure.value)) == (outputs[calls_made - 1] == _SLOW_RAYLET)
