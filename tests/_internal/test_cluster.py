@@ -17,7 +17,7 @@ from rayvllm_nb._internal.net import free_port
 from rayvllm_nb._internal.processes import ray_process_kind
 from rayvllm_nb.config import ClusterConfig, load_cluster_config
 from rayvllm_nb.errors import ClusterError
-from tests._suite import start_test_head
+from tests._suite import alone, start_test_head
 
 
 def test_local_gpu_config_leaves_gpu_detection_to_ray_and_keeps_the_dashboard_local() -> None:
@@ -84,21 +84,23 @@ def test_a_driver_connected_by_rayvllm_nb_prints_no_raylet_retry_line_when_serve
     driver would print "(raylet) Task ServeController.graceful_shutdown failed ... retried" into
     the cell. The same script with that notice switched back on (a user's own setting wins) shows
     the line does appear there, so its absence is the fix's doing."""
-    address = start_test_head(num_cpus=1, min_worker_port=40000, max_worker_port=40999)
-    try:
-        outputs = {}
-        for setting in ("", "1"):
-            env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-            env.pop("RAY_enable_output_error_log_if_still_retry", None)
-            if setting:
-                env["RAY_enable_output_error_log_if_still_retry"] = setting
-            port = str(free_port("127.0.0.1"))
-            run = subprocess.run([sys.executable, "-c", _SERVE_THEN_SHUTDOWN, address, port], capture_output=True,
-                                 text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
-            assert run.returncode == 0, run.stderr[-2000:]
-            outputs[setting] = run.stdout + run.stderr
-    finally:
-        stop_started_heads(address)
+    # Alone: Serve's proxy on this 1-CPU head missed its start deadline beside a loading model.
+    with alone():
+        address = start_test_head(num_cpus=1, min_worker_port=40000, max_worker_port=40999)
+        try:
+            outputs = {}
+            for setting in ("", "1"):
+                env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+                env.pop("RAY_enable_output_error_log_if_still_retry", None)
+                if setting:
+                    env["RAY_enable_output_error_log_if_still_retry"] = setting
+                port = str(free_port("127.0.0.1"))
+                run = subprocess.run([sys.executable, "-c", _SERVE_THEN_SHUTDOWN, address, port],
+                                     capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+                assert run.returncode == 0, run.stderr[-2000:]
+                outputs[setting] = run.stdout + run.stderr
+        finally:
+            stop_started_heads(address)
     assert "graceful_shutdown failed" in outputs["1"], "the notice no longer appears at all: re-check the fix"
     assert "graceful_shutdown" not in outputs[""], outputs[""][-2000:]
     assert f"REPORT Stopped nothing of this process's. Disconnected from the Ray cluster at {address}; it keeps " \
