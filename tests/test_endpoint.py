@@ -247,15 +247,16 @@ def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(key
 def _ray_stop_force(session: int) -> list[psutil.Process]:
     """What `ray stop --force` does, to this head only: SIGKILL every process its filters match
     (the real command would end every Ray cluster of this machine's user). Returns what is left."""
-    filters = ray_api.ray_stop_process_filters()
     members = processes.session_processes(session)
-    for process in members:
-        try:  # killing a process may already have ended its children (the dashboard's heads)
-            name, cmdline = process.name(), subprocess.list2cmdline(process.cmdline())
-            if any(keyword in (name if by_name else cmdline) for keyword, by_name in filters):
-                process.kill()
-        except psutil.NoSuchProcess:
-            continue
+    # In Ray's order, the raylet first and the GCS last: a raylet that outlives its GCS shuts down by
+    # itself and ends its workers' process groups (HAProxy and vLLM's engines with them).
+    for keyword, by_name in ray_api.ray_stop_process_filters():
+        for process in members:
+            try:  # killing a process may already have ended its children (the dashboard's heads)
+                if keyword in (process.name() if by_name else subprocess.list2cmdline(process.cmdline())):
+                    process.kill()
+            except psutil.NoSuchProcess:
+                continue
     psutil.wait_procs(members, timeout=10)
     # Serve may have been reloading HAProxy: our wrapper (python) becomes haproxy once it has patched the config.
     deadline = time.monotonic() + 15
