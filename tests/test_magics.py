@@ -105,10 +105,12 @@ def test_init_and_status_render_html_and_text(ip: InteractiveShell, cluster: Clu
 def test_start_no_wait_returns_before_the_model_is_ready(ip: InteractiveShell, cluster: ClusterInfo) -> None:
     started = time.monotonic()
     early = ip.run_line_magic("rayvllm", "start tiny-cpu --name nb-early --no-wait")
-    assert time.monotonic() - started < 20 and not early.status.ready
-    assert str(early).startswith("nb-early deploying at http://127.0.0.1:")
-    with capture_output() as captured:
-        ip.run_line_magic("rayvllm", "stop nb-early")
+    try:
+        assert time.monotonic() - started < 20 and not early.status.ready
+        assert str(early).startswith("nb-early deploying at http://127.0.0.1:")
+    finally:  # a failure here must not leave nb-early holding a CPU of the worker's cluster
+        with capture_output() as captured:
+            ip.run_line_magic("rayvllm", "stop nb-early")
     assert captured.stdout.strip() == "stopped nb-early"
     assert "nb-early" not in [model.name for model in rayvllm_nb.status().models]
 

@@ -103,6 +103,9 @@ def start_head(config: ClusterConfig) -> str:
     # the serving layer's CPU per token here; docs/performance.md); vLLM's stay at each replica's
     # /metrics. A user's RAY_enable_metrics_collection=1 turns Ray's back on.
     env = {"RAY_enable_metrics_collection": "0", **env}
+    # Serve kills a proxy that fails its readiness check (5 s) three times while it starts, and
+    # serve.start() then fails: on a busy 2-core machine a proxy took longer than that to come up.
+    env = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", **env}
     env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token" if config.token_auth else "disabled"})
     if config.serve_direct_ingress:
         # The user's own RAY_SERVE_* settings win over the direct-ingress defaults.
