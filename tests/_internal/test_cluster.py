@@ -107,7 +107,6 @@ def test_a_driver_connected_by_rayvllm_nb_prints_no_raylet_retry_line_when_serve
         "running (not started here)." in outputs[""]
 
 
-
 _FAILING_RAY_START = """
 import json, pathlib, sys
 calls, outputs = pathlib.Path(sys.argv[1]), json.loads(sys.argv[2])
