@@ -15,7 +15,7 @@ from rayvllm_nb._internal.shared_endpoint import ROUTER_APP
 from rayvllm_nb.errors import ConfigError, DeploymentError
 from rayvllm_nb.tiny_model import tiny_model_path
 from rayvllm_nb.types import ClusterInfo, ModelStatus
-from tests._suite import serve_port
+from tests._suite import alone, serve_port
 from tests.conftest import leftovers, model_processes
 
 pytestmark = pytest.mark.slow
@@ -97,7 +97,7 @@ def test_corrupt_weights_fail_fast_with_vllms_error_and_leave_nothing(cluster: C
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model_path(), broken)
     (broken / "model.safetensors").write_bytes(b"\x00\x10" * 2000)
-    with pytest.raises(DeploymentError) as error:
+    with alone(), pytest.raises(DeploymentError) as error:  # it times how soon the failure is raised
         rayvllm_nb.start("tiny-cpu", [f"model={broken}"], wait_ready=True, timeout=600)
     raised_at = time.time()
     message = str(error.value)

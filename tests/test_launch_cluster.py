@@ -7,6 +7,7 @@ through the GCS address: tests/test_endpoint.py, on a head of its own.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -20,22 +21,26 @@ import psutil
 import pytest
 
 from rayvllm_nb._internal import processes
-from rayvllm_nb._internal.net import free_port
+from rayvllm_nb._internal.net import bind_error, free_port
 from tests._suite import alone
 from tests.conftest import REPO, head_session, run_cli
 
 
-def _distinct_free_ports(count: int) -> list[int]:
+def fresh_ports() -> dict[str, int]:
+    """Distinct ports free on every interface now, for a head's ``--set`` keys: picked at random between
+    Ray's worker ports (10002-19999 by default, 20000-26999 in the suite) and the kernel's ephemeral
+    ports (from 32768), so that no outgoing connection or Ray process picks one before the head binds it."""
+    keys = ("port", "ray_client_server_port", "dashboard_port", "dashboard_agent_port")
     ports: list[int] = []
-    while len(ports) < count:
-        if (port := free_port("127.0.0.1")) not in ports:
+    while len(ports) < len(keys):
+        if (port := random.randint(27000, 32767)) not in ports and bind_error("0.0.0.0", port) is None:
             ports.append(port)
-    return ports
+    return dict(zip(keys, ports, strict=True))
 
 
-PORTS = dict(zip(("port", "ray_client_server_port", "dashboard_port", "dashboard_agent_port"), _distinct_free_ports(4),
-                 strict=True))
-SETS = [arg for key, port in PORTS.items() for arg in ("--set", f"{key}={port}")]
+def port_settings(ports: dict[str, int]) -> list[str]:
+    """``ports`` as the launcher's ``--set KEY=PORT`` arguments."""
+    return [arg for key, port in ports.items() for arg in ("--set", f"{key}={port}")]
 
 
 def launcher(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -82,15 +87,16 @@ def test_bad_local_config_fails_before_any_process_starts(tmp_path: Path, yaml_t
 
 
 def test_a_taken_port_fails_before_any_process_starts(tmp_path: Path) -> None:
-    env = own_cache(tmp_path)
+    env, ports = own_cache(tmp_path), fresh_ports()
     with socket.socket() as squatter:
-        squatter.bind(("0.0.0.0", PORTS["port"]))
+        squatter.bind(("0.0.0.0", ports["port"]))
         squatter.listen()
-        result = run_cli("cluster", "start", "--config", "configs/cluster/local_cpu.yaml", *SETS, env=env)
+        result = run_cli("cluster", "start", "--config", "configs/cluster/local_cpu.yaml", *port_settings(ports),
+                         env=env)
     assert result.returncode == 1
-    assert f"Port {PORTS['port']} (port) on 0.0.0.0 is already in use" in result.stderr
-    assert f"--set port={PORTS['port'] + 1}" in result.stderr
-    assert heads_recorded(env) == [] and not listening(PORTS["ray_client_server_port"])
+    assert f"Port {ports['port']} (port) on 0.0.0.0 is already in use" in result.stderr
+    assert f"--set port={ports['port'] + 1}" in result.stderr
+    assert heads_recorded(env) == [] and not listening(ports["ray_client_server_port"])
 
 
 def test_get_address_without_a_cluster_fails_clearly() -> None:
@@ -130,17 +136,19 @@ def test_autoscaler_dry_run_rejects_a_misspelled_key_through_rays_schema(tmp_pat
 
 @pytest.fixture(scope="module")
 def head() -> Iterator[dict[str, str]]:
-    """A head from local_cpu.yaml on free ports (and any node joined to it), stopped after: only its own processes."""
+    """A head from local_cpu.yaml on ports free when it starts (and any node joined to it), stopped after: only its
+    own processes."""
     with alone():  # a head's raylet dies when its agents start slower than 15 s (ray#65983)
-        started = launcher("--config", "configs/cluster/local_cpu.yaml", *SETS, "start")
+        ports = fresh_ports()
+        started = launcher("--config", "configs/cluster/local_cpu.yaml", *port_settings(ports), "start")
     joined: list[int] = []
     try:
         assert started.returncode == 0, started.stderr
         address = started.stdout.split("Ray head started at ", 1)[1].split()[0]
         client = run_cli("cluster", "get-address", "--client", env={"RAY_ADDRESS": address})
         assert client.returncode == 0, client.stderr
-        yield {"start": started.stdout, "address": address, "client": client.stdout.strip().splitlines()[-1],
-               "client_stderr": client.stderr, "joined": joined}
+        yield {"ports": ports, "start": started.stdout, "address": address,
+               "client": client.stdout.strip().splitlines()[-1], "client_stderr": client.stderr, "joined": joined}
     finally:
         launcher("stop", "--address", address) if started.returncode == 0 else None
         for session in joined:
@@ -149,18 +157,18 @@ def head() -> Iterator[dict[str, str]]:
 
 @pytest.mark.slow
 def test_head_starts_with_the_configs_ports_and_a_local_dashboard(head: dict[str, Any]) -> None:
-    assert head["address"].endswith(f":{PORTS['port']}")
-    assert head["client"] == f"ray://{head['address'].rpartition(':')[0]}:{PORTS['ray_client_server_port']}"
+    assert head["address"].endswith(f":{head['ports']['port']}")
+    assert head["client"] == f"ray://{head['address'].rpartition(':')[0]}:{head['ports']['ray_client_server_port']}"
     assert f"Ray head started at {head['address']}" in head["start"]
-    assert f"dashboard:  http://127.0.0.1:{PORTS['dashboard_port']}" in head["start"]
-    dashboard = f"http://127.0.0.1:{PORTS['dashboard_port']}/api/version"
+    assert f"dashboard:  http://127.0.0.1:{head['ports']['dashboard_port']}" in head["start"]
+    dashboard = f"http://127.0.0.1:{head['ports']['dashboard_port']}/api/version"
     # Token authentication guards the dashboard too: refused without the token, served with it.
     assert httpx.get(dashboard, timeout=10).status_code == 401
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
     assert httpx.get(dashboard, headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200
     dashboard_binds = {
         c.laddr.ip for c in psutil.net_connections("tcp")
-        if c.status == psutil.CONN_LISTEN and c.laddr.port == PORTS["dashboard_port"]
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == head["ports"]["dashboard_port"]
     }
     assert dashboard_binds == {"127.0.0.1"}
 
@@ -241,7 +249,7 @@ def test_stop_ends_every_process_of_the_head_and_nothing_else(head: dict[str, An
         assert "process(es) on this machine" in stopped.stdout
         assert "gcs_server" in stopped.stdout and "raylet" in stopped.stdout and "Serve HAProxy" in stopped.stdout
         assert processes.session_processes(session) == []
-        assert not listening(PORTS["port"]) and not listening(PORTS["dashboard_port"])
+        assert not listening(head["ports"]["port"]) and not listening(head["ports"]["dashboard_port"])
         assert bystander.poll() is None, "a vLLM process rayvllm_nb did not start was ended"
     finally:
         bystander.kill()
