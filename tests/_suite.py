@@ -127,6 +127,12 @@ def _needs_cluster(item: pytest.Item) -> bool:
     return item.get_closest_marker("slow") is not None or item.path.suffix == ".ipynb"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Notebooks first, then the tests in their order: pytest-xdist hands out files in this order, and
+    a notebook (minutes, in one piece) handed out last kept one worker busy while the other idled."""
+    items.sort(key=lambda item: item.path.suffix != ".ipynb")
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the head before the first test when a collected item needs it, so that no model loads
     beside its start: Ray's raylet dies when its agents take over 15 s to start (ray#65983), and a

@@ -70,10 +70,12 @@ def with_free_ports(config: ClusterConfig) -> ClusterConfig:
 
 
 def _free_port_outside(preferred: int, *avoid: Container[int]) -> int:
-    """``preferred`` when it is free, else a free port the kernel picks; never one in any of ``avoid``."""
-    port = free_port("127.0.0.1", preferred)
+    """``preferred`` when it is free on every interface (as :func:`check_can_start` requires), else a free
+    port the kernel picks; never one in any of ``avoid``. (Free on 127.0.0.1 alone is not enough: a Ray
+    process of another head may listen on the node's own address.)"""
+    port = free_port("0.0.0.0", preferred)
     while any(port in ports for ports in avoid):
-        port = free_port("127.0.0.1")
+        port = free_port("0.0.0.0")
     return port
 
 
