@@ -19,3 +19,15 @@ def test_a_notebook_run_on_its_own_gets_the_suites_hooks() -> None:
     assert collected.returncode == 0, collected.stdout + collected.stderr
     assert "notebooks/01_quickstart.ipynb" in collected.stdout
     assert f"PLUGIN registered: <module 'tests._suite' from '{REPO / 'tests' / '_suite.py'}'>" in collected.stdout
+
+
+def test_notebooks_are_handed_out_before_the_tests_named_before_them() -> None:
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+         "--nbmake", "tests/test_layout.py", "notebooks/01_quickstart.ipynb"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    items = [line for line in collected.stdout.splitlines() if "::" in line]
+    assert items[0] == "notebooks/01_quickstart.ipynb::01_quickstart.ipynb", items
+    assert items[1].startswith("tests/test_layout.py::"), items
