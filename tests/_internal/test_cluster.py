@@ -132,6 +132,7 @@ def test_a_head_start_is_retried_only_when_its_raylet_did_not_come_up(
     ray#65983): on a machine busy loading models the agent's imports alone did, in suite runs. Another
     ``ray start`` is what a user would do."""
     calls = tmp_path / "calls"
+    monkeypatch.setenv("RAYVLLM_NB_CACHE", str(tmp_path / "cache"))  # its `ray start` logs go there, not the user's
     failing = [sys.executable, "-c", _FAILING_RAY_START, str(calls), json.dumps(outputs)]
     monkeypatch.setattr(cluster, "_RAY_CLI", failing)
     config = with_free_ports(ClusterConfig(num_cpus=1, min_worker_port=41000, max_worker_port=41999))
