@@ -129,7 +129,7 @@ def _needs_cluster(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Notebooks first, then the tests in their order: pytest-xdist hands out files in this order, and
-    a notebook (minutes, in one piece) handed out last kept one worker busy while the other idled."""
+    a notebook (minutes, in one piece) handed out last can keep one worker busy while the other idles."""
     items.sort(key=lambda item: item.path.suffix != ".ipynb")
 
 

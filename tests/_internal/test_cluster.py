@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from rayvllm_nb._internal import cluster
-from rayvllm_nb._internal.cluster import head_arguments, start_head, stop_started_heads, with_free_ports
+from rayvllm_nb._internal.cluster import (
+    check_can_start,
+    head_arguments,
+    start_head,
+    stop_started_heads,
+    with_free_ports,
+)
 from rayvllm_nb._internal.net import free_port
 from rayvllm_nb._internal.processes import ray_process_kind
 from rayvllm_nb.config import ClusterConfig, load_cluster_config
@@ -53,6 +61,22 @@ def test_ray_processes_are_recognised_by_name_and_command_line() -> None:
     assert ray_process_kind("haproxy", haproxy) == "Serve HAProxy"
     assert ray_process_kind("haproxy", ["/usr/sbin/haproxy", "-f", "/etc/haproxy/haproxy.cfg"]) is None
     assert ray_process_kind("python", ["/venv/bin/python", "notebook.py"]) is None
+
+
+def test_a_port_taken_on_the_nodes_own_address_is_not_kept_for_a_new_head() -> None:
+    """A head listens on every interface: a port another head's Ray process holds on the node's address
+    (not on loopback) must be replaced, or the start check refuses it (as it did in a suite run)."""
+    node_ips = [a.address for addresses in psutil.net_if_addrs().values() for a in addresses
+                if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    if not node_ips:
+        pytest.skip("this machine has no IPv4 address but loopback")
+    with socket.socket() as holder:
+        holder.bind((node_ips[0], 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        config = with_free_ports(ClusterConfig(port=taken, min_worker_port=41000, max_worker_port=41999))
+        assert config.port != taken
+        check_can_start(config)
 
 
 _SERVE_THEN_SHUTDOWN = """
