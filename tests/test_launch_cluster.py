@@ -135,7 +135,7 @@ def test_autoscaler_dry_run_rejects_a_misspelled_key_through_rays_schema(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def head() -> Iterator[dict[str, str]]:
+def head() -> Iterator[dict[str, Any]]:
     """A head from local_cpu.yaml on ports free when it starts (and any node joined to it), stopped after: only its
     own processes."""
     with alone():  # a head's raylet dies when its agents start slower than 15 s (ray#65983)
