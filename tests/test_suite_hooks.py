@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
+from tests._suite import pytest_collection_modifyitems
 from tests.conftest import REPO
 
 
@@ -21,13 +24,10 @@ def test_a_notebook_run_on_its_own_gets_the_suites_hooks() -> None:
     assert f"PLUGIN registered: <module 'tests._suite' from '{REPO / 'tests' / '_suite.py'}'>" in collected.stdout
 
 
+
 def test_notebooks_are_handed_out_before_the_tests_named_before_them() -> None:
-    collected = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-         "--nbmake", "tests/test_layout.py", "notebooks/01_quickstart.ipynb"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert collected.returncode == 0, collected.stdout + collected.stderr
-    items = [line for line in collected.stdout.splitlines() if "::" in line]
-    assert items[0] == "notebooks/01_quickstart.ipynb::01_quickstart.ipynb", items
-    assert items[1].startswith("tests/test_layout.py::"), items
+    items = [SimpleNamespace(path=Path(name)) for name in
+             ("tests/test_a.py", "notebooks/01.ipynb", "tests/test_b.py", "notebooks/02.ipynb")]
+    pytest_collection_modifyitems(items)  # type: ignore[arg-type]
+    assert [str(item.path) for item in items] == [
+        "notebooks/01.ipynb", "notebooks/02.ipynb", "tests/test_a.py", "tests/test_b.py"]
