@@ -36,7 +36,7 @@ test: env
 	$(BIN)/python -m ipykernel install --user --name rayvllm-nb --display-name "rayvllm-nb (.venv)" >/dev/null
 	$(BIN)/python -m pytest -p no:randomly -n 2 --dist loadfile --durations=15 --nbmake --nbmake-kernel=rayvllm-nb --nbmake-timeout=900 tests notebooks
 
-# The inner loop: every test that loads no model, in a random order (under 2 minutes).
+# The inner loop: every test that loads no model, in a random order (2:20 on these 2-core machines now; under 2 minutes before they slowed).
 test-fast: env
 	$(BIN)/python -m pytest -m "not slow" tests
 
