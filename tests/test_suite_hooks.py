@@ -24,7 +24,6 @@ def test_a_notebook_run_on_its_own_gets_the_suites_hooks() -> None:
     assert f"PLUGIN registered: <module 'tests._suite' from '{REPO / 'tests' / '_suite.py'}'>" in collected.stdout
 
 
-
 def test_notebooks_are_handed_out_before_the_tests_named_before_them() -> None:
     items = [SimpleNamespace(path=Path(name)) for name in
              ("tests/test_a.py", "notebooks/01.ipynb", "tests/test_b.py", "notebooks/02.ipynb")]
