@@ -127,10 +127,20 @@ def _needs_cluster(item: pytest.Item) -> bool:
     return item.get_closest_marker("slow") is not None or item.path.suffix == ".ipynb"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Make pytest-xdist hand out files in the order :func:`pytest_collection_modifyitems` gives. By
+    default ``--dist loadfile`` reorders them by their number of tests, most first: that put the
+    notebooks (one item each, minutes long) last, one worker running them while the other idled."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Notebooks first, then the tests in their order: pytest-xdist hands out files in this order, and
-    a notebook (minutes, in one piece) handed out last can keep one worker busy while the other idles."""
-    items.sort(key=lambda item: item.path.suffix != ".ipynb")
+    """Longest pieces first: the notebooks (minutes, in one piece), then the files that load models,
+    then the files of fast tests, each in its own order. pytest-xdist hands out files in this order,
+    so the quick ones are left to fill the end, while one worker finishes a long file."""
+    loading = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: 0 if item.path.suffix == ".ipynb" else 1 if item.path in loading else 2)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
