@@ -129,8 +129,8 @@ def _needs_cluster(item: pytest.Item) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Make pytest-xdist hand out files in the order :func:`pytest_collection_modifyitems` gives. By
-    default ``--dist loadfile`` reorders them by their number of tests, most first: that put the
-    notebooks (one item each, minutes long) last, one worker running them while the other idled."""
+    default ``--dist loadfile`` reorders them by their number of tests, most first, which put the
+    notebooks (one item each, minutes long) at the end of the run."""
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
 
