@@ -32,14 +32,15 @@ demo: env
 	$(BIN)/rayvllm demo
 
 # The whole suite in two workers (pytest-xdist), each with a Ray head of its own; a module or notebook
-# runs whole in one worker, in its own order (its tests share deployments). Part of each test is
-# waiting (on Ray, on vLLM's spawned processes): on 2 cores two workers took 34 min where one took 42.
+# runs whole in one worker, in its own order (its tests share deployments), and they are handed out
+# notebooks first, then files that load models, then fast tests (tests/_suite.py). Part of each test
+# is waiting (on Ray, on vLLM's spawned processes): on 2 cores two workers took 34 min where one took 42.
 # The notebooks run in the kernel this checkout registers (its .venv), one cell at most 15 min.
 test: env
 	$(BIN)/python -m ipykernel install --user --name rayvllm-nb --display-name "rayvllm-nb (.venv)" >/dev/null
 	$(BIN)/python -m pytest -p no:randomly -n 2 --dist loadfile --durations=15 --nbmake --nbmake-kernel=rayvllm-nb --nbmake-timeout=900 tests notebooks
 
-# The inner loop: every test that loads no model, in a random order (2:20 on these 2-core machines now; under 2 minutes before they slowed).
+# The inner loop: every test that loads no model, in a random order (1:12 on these 2-core machines today, 2:20 on a slower day).
 test-fast: env
 	$(BIN)/python -m pytest -m "not slow" tests
 
