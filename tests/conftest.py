@@ -110,7 +110,7 @@ def model_processes(
 ) -> list[psutil.Process]:
     """The vLLM processes of one of our models (engine core, workers), or those with ``title``, on the
     head at ``address`` (default: the tests' own): another worker's model of the same name is not ours."""
-    raylets = {str(p.pid) for p in head_processes(address or session_cluster_address()) if p.name() == "raylet"}
+    raylets = {str(p.pid) for p in head_processes(address or session_cluster_address(), "raylet")}
     return [
         process for process in processes.model_processes(model, (title,) if isinstance(title, str) else title)
         if _environment(process).get("RAY_RAYLET_PID") in raylets
@@ -123,9 +123,19 @@ def head_session(address: str) -> int:
     return session
 
 
-def head_processes(address: str) -> list[psutil.Process]:
-    """Every process of the head the tests started at ``address`` (its session)."""
-    return processes.session_processes(head_session(address))
+def head_processes(address: str, name: str | None = None) -> list[psutil.Process]:
+    """Every process of the head the tests started at ``address`` (its session), or those called
+    ``name``; one that ends while they are listed (a crashed replica's engine) is left out."""
+    found = processes.session_processes(head_session(address))
+    return found if name is None else [process for process in found if process_name(process) == name]
+
+
+def process_name(process: psutil.Process) -> str | None:
+    """The name of ``process``, None once it has ended (it may end between being listed and asked)."""
+    try:
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.name()
+    except psutil.Error:
+        return None
 
 
 def _environment(process: psutil.Process) -> dict[str, str]:

@@ -16,14 +16,15 @@ from rayvllm_nb.errors import ConfigError, DeploymentError
 from rayvllm_nb.tiny_model import tiny_model_path
 from rayvllm_nb.types import ClusterInfo, ModelStatus
 from tests._suite import alone, serve_port
-from tests.conftest import leftovers, model_processes
+from tests.conftest import leftovers, model_processes, process_name
 
 pytestmark = pytest.mark.slow
 
 
 def _engine_processes() -> list[str]:
     """The replica and vLLM processes of the model "tiny" (engine core, workers), by their environment."""
-    return [process.name() for process in model_processes("tiny", ("VLLM::", "ray::ServeReplica"))]
+    names = [process_name(process) for process in model_processes("tiny", ("VLLM::", "ray::ServeReplica"))]
+    return [name for name in names if name is not None]
 
 
 def _answer(name: str) -> str:

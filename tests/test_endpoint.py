@@ -26,7 +26,7 @@ from rayvllm_nb._internal import processes, ray_api
 from rayvllm_nb._internal.cluster import stop_started_heads
 from rayvllm_nb._internal.net import free_port
 from tests._suite import alone, start_test_head
-from tests.conftest import head_processes, head_session, model_processes, run_cli, start_cli
+from tests.conftest import head_processes, head_session, model_processes, process_name, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 KEY = "sk-" + secrets.token_hex(16)
@@ -153,7 +153,7 @@ def test_the_key_appears_nowhere_a_user_can_read(keyed: dict[str, Any]) -> None:
 
 
 def test_every_listener_of_haproxy_the_replica_and_vllm_is_on_loopback(keyed: dict[str, Any]) -> None:
-    haproxy = [p for p in head_processes(keyed["address"]) if p.name() == "haproxy"]
+    haproxy = head_processes(keyed["address"], "haproxy")
     ours = [*haproxy, *model_processes("keyed", ("VLLM::", "ray::ServeReplica"), keyed["address"])]
     assert haproxy and len(ours) >= 4, ours
     listeners = {
@@ -206,7 +206,7 @@ def test_ray_stop_typed_by_hand_then_serve_again_leaves_nothing_of_the_first(key
     try:
         with alone():  # until the next serve ends what ray stop left (any rayvllm process would end it)
             left = _ray_stop_force(head_session(keyed["address"]))
-            kinds = sorted({_name(p) or "" for p in left})
+            kinds = sorted({process_name(p) or "" for p in left})
             assert "haproxy" in kinds and "VLLM::EngineCore" in kinds, f"ray stop left {kinds}: nothing to reclaim"
             second = _head()
             serving = start_cli("--address", second, "serve", "tiny-cpu", "--set", f"port={port}",
@@ -260,17 +260,9 @@ def _ray_stop_force(session: int) -> list[psutil.Process]:
     psutil.wait_procs(members, timeout=10)
     # Serve may have been reloading HAProxy: our wrapper (python) becomes haproxy once it has patched the config.
     deadline = time.monotonic() + 15
-    while any(_name(p) == "python" for p in members) and time.monotonic() < deadline:
+    while any(process_name(p) == "python" for p in members) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return [p for p in members if _name(p) is not None]
-
-
-def _name(process: psutil.Process) -> str | None:
-    """The process's name; None once it has ended."""
-    try:
-        return None if process.status() == psutil.STATUS_ZOMBIE else process.name()
-    except psutil.Error:
-        return None
+    return [p for p in members if process_name(p) is not None]
 
 
 def test_ray_stop_filters_are_what_this_test_mimics() -> None:

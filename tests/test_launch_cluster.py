@@ -6,6 +6,7 @@ through the GCS address: tests/test_endpoint.py, on a head of its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -236,7 +237,10 @@ def test_stop_ends_every_process_of_the_head_and_nothing_else(head: dict[str, An
         timeout=300, stdin=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"},
     )
     assert started.returncode == 0, started.stderr[-2000:]
-    kinds = [processes.ray_process_kind(p.name(), p.cmdline()) for p in processes.session_processes(session)]
+    kinds = []
+    for process in processes.session_processes(session):
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker Ray ends while they are listed
+            kinds.append(processes.ray_process_kind(process.name(), process.cmdline()))
     assert {"gcs_server", "raylet", processes.SERVE_HAPROXY} <= set(kinds), kinds
     # A user's own vLLM beside ours: same process title, not started by rayvllm_nb.
     bystander = subprocess.Popen(
