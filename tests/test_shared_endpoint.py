@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 NAMES = ("alpha", "beta")
 SAY_HELLO = [{"role": "user", "content": "Say hello."}]
+_ROUTES_SETTLE_S = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,18 @@ def _shared_url() -> str:
 def _chat(name: str, **extra: Any) -> httpx.Response:
     body = {**extra, "model": name, "messages": SAY_HELLO, "max_tokens": 32, "temperature": 0}
     return httpx.post(f"{_shared_url()}/chat/completions", json=body, timeout=120)
+
+
+def _until_404(ask: Callable[[], httpx.Response], what: str) -> None:
+    """Ask, from the moment a stop returns, until the answer is 404. Meanwhile (Serve reloads its
+    HAProxy, and the router reads its routes, a moment after an app is deleted) the answer may only be
+    the OpenAI-shaped 503 that tells the client to retry: asked at once, a suite run got it."""
+    deadline = time.monotonic() + _ROUTES_SETTLE_S
+    while (answer := ask()).status_code != 404:
+        assert answer.status_code == 503 and answer.headers.get("Retry-After"), f"{what}: {answer.text}"
+        assert answer.json()["error"]["type"] == "ServiceUnavailableError", answer.text
+        assert time.monotonic() < deadline, f"{what}: still 503 after {_ROUTES_SETTLE_S:.0f} s: {answer.text}"
+        time.sleep(0.1)
 
 
 def test_two_models_answer_at_one_base_url_chosen_by_the_requests_model(two_models: dict[str, ModelStatus]) -> None:
@@ -108,14 +122,14 @@ def test_a_stream_from_one_model_survives_the_other_stopping_and_the_router_goes
     streaming = threading.Thread(target=stream_from_beta)
     streaming.start()
     rayvllm_nb.stop("alpha")
+    _until_404(lambda: _chat("alpha"), "alpha, stopped")
     streaming.join(timeout=300)
     assert finished["status"] == 200
     assert '"completion_tokens":1200' in finished["lines"][-1].replace(" ", ""), finished["lines"][-1]
-    assert _chat("alpha").status_code == 404
     assert _chat("beta").json()["choices"][0]["message"]["content"] == TINY_MODEL_REPLY
 
     rayvllm_nb.stop("beta")
+    _until_404(lambda: httpx.get(f"{_shared_url()}/models", timeout=30), "the list of models, none left")
     applications = (ray_api.serve_details() or {}).get("applications") or {}
     assert shared_endpoint.ROUTER_APP not in applications
     assert leftovers(shared_endpoint.ROUTER_APP) == {"replica_actors": [], "placement_groups": []}
-    assert httpx.get(f"{_shared_url()}/models", timeout=30).status_code == 404, "no model is served any more"
