@@ -155,14 +155,16 @@ def test_a_user_walks_the_panel_in_jupyterlab(jupyterlab: str) -> None:
             assert page.locator("[data-role='user']").count() == 0, "Shift+Enter must not send"
             box.fill(DEMO_PROMPT)
             page.keyboard.press("Enter")
-            answer = page.wait_for_selector(f"[data-role='assistant'] p:has-text('{TINY_MODEL_REPLY[:20]}')",
-                                            timeout=120_000)
+            page.wait_for_selector(f"[data-role='assistant'] p:has-text('{TINY_MODEL_REPLY[:20]}')", timeout=120_000)
             # The chat's own line, shown once the answer is whole (the live strip shows "tok/s" sooner).
             page.wait_for_selector(r"text=/\d+ tokens in \d+ ms/", timeout=60_000)
             page.wait_for_selector("[data-live='tiny']", timeout=30_000)
             snap(page, "3-answer-and-live-metrics")
             assert "KV cache" in page.inner_text("[data-live='tiny']")
-            assert answer.inner_text().strip() == TINY_MODEL_REPLY, "the answer is rendered as Markdown (a <p>)"
+            # Read from the page as it is now: each chunk re-renders the answer, so an element found
+            # mid-stream is a detached copy (a suite run read it one token short).
+            answer = page.locator("[data-role='assistant'] p").last.inner_text()
+            assert answer.strip() == TINY_MODEL_REPLY, "the answer is rendered as Markdown (a <p>)"
             assert box.input_value() == "", "a sent message leaves the box"
 
             run_cell(page, 1)
